@@ -1,0 +1,133 @@
+"""DLG: Deep Leakage from Gradients (Zhu, Liu and Han, NeurIPS 2019).
+
+Dummy images and dummy label logits, both drawn from N(0, 1), are fitted with L-BFGS so that the victim's
+gradient on (images, softmax(logits)) matches the shared gradient in squared L2 distance. Defaults follow
+the authors' code: L-BFGS lr 1, 20 inner evaluations per step (PyTorch's `max_iter` default), 300 steps.
+The L-BFGS loop lives here and is shared with iDLG, which differs only in fixing the labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from grnn_engine.attacks.base import (
+    ATTACKS,
+    Attack,
+    BestIterate,
+    EvaluateFn,
+    ProgressFn,
+    Reconstruction,
+    SharedUpdate,
+    check_reconstruct_args,
+    log_iteration,
+    squared_gradient_distance,
+    trainable_parameters,
+    victim_gradient,
+)
+from grnn_engine.errors import ConfigError
+
+
+def check_lbfgs_settings(name: str, iterations: int, max_iter: int, lr: float) -> None:
+    """ConfigError (one sentence) for L-BFGS settings out of range."""
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ConfigError(f"{name} iterations must be an integer >= 1 (got {iterations!r})")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ConfigError(f"{name} max_iter must be an integer >= 1 (got {max_iter!r})")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"{name} lr must be a finite number > 0 (got {lr!r})")
+
+
+def lbfgs_gradient_matching(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    target: Sequence[Tensor],
+    dummy: Tensor,
+    *,
+    logits: Tensor | None,
+    labels: Tensor | None,
+    iterations: int,
+    max_iter: int,
+    lr: float,
+    eval_every: int,
+    evaluate: EvaluateFn | None,
+    progress: ProgressFn | None,
+) -> tuple[list[Tensor], list[dict[str, float]]]:
+    """Fit `dummy` (and `logits` when given, else fixed `labels`) by L-BFGS on the squared gradient distance.
+
+    Returns the best iterate ([images] or [images, logits], lowest finite loss seen at any closure
+    evaluation) and the history. Stops at the first non-finite step loss: L-BFGS diverges on some real
+    images, and the best finite iterate is then still a fair (poor) answer.
+    """
+    variables = [dummy] if logits is None else [dummy, logits]
+    optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter)
+    best = BestIterate(*variables)
+
+    def closure() -> Tensor:
+        targets = labels if logits is None else torch.softmax(logits, dim=1)
+        assert targets is not None
+        fake = victim_gradient(model, params, dummy, targets, create_graph=True)
+        loss = squared_gradient_distance(fake, target)
+        # autograd.grad, not backward(): the victim's own .grad buffers are never touched.
+        for v, g in zip(variables, torch.autograd.grad(loss, variables), strict=True):
+            v.grad = g
+        best.offer(loss, *variables)
+        return loss
+
+    history: list[dict[str, float]] = []
+    for it in range(1, iterations + 1):
+        log_now = it % eval_every == 0 or it == iterations
+        # The step's loss is measured at the iterate before the step, so that is the one to score.
+        before = dummy.detach().clone() if log_now and evaluate is not None else dummy
+        step_loss = optimizer.step(closure)
+        # L-BFGS already read this loss on the host inside step(), so reading it again costs no extra sync.
+        value = float(step_loss.detach())
+        finite = math.isfinite(value)
+        if log_now or not finite:
+            log_iteration(history, iteration=it, iterations=iterations, grad_loss=value,
+                          images=before, evaluate=evaluate, progress=progress)
+        if not finite:
+            break
+    return best.values, history
+
+
+@ATTACKS.register("dlg")
+class DLG(Attack):
+    """DLG with the authors' defaults: iterations (L-BFGS steps), max_iter (evaluations per step), lr."""
+
+    def __init__(self, *, iterations: int = 300, max_iter: int = 20, lr: float = 1.0) -> None:
+        check_lbfgs_settings("dlg", iterations, max_iter, lr)
+        self.iterations = iterations
+        self.max_iter = max_iter
+        self.lr = lr
+
+    def reconstruct(
+        self,
+        model: nn.Module,
+        shared_update: SharedUpdate,
+        *,
+        num_classes: int,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        generator: torch.Generator,
+        progress: ProgressFn | None = None,
+        evaluate: EvaluateFn | None = None,
+        eval_every: int = 50,
+    ) -> Reconstruction:
+        params = trainable_parameters(model)
+        shared = shared_update.as_gradient()
+        check_reconstruct_args("dlg", shared, params, batch_size=batch_size, eval_every=eval_every)
+        device, dtype = params[0].device, params[0].dtype
+        target = [t.detach().to(device=device, dtype=dtype) for t in shared]
+        dummy = torch.randn((batch_size, *image_shape), generator=generator).to(device, dtype).requires_grad_()
+        logits = torch.randn((batch_size, num_classes), generator=generator).to(device, dtype).requires_grad_()
+        (images, best_logits), history = lbfgs_gradient_matching(
+            model, params, target, dummy, logits=logits, labels=None, iterations=self.iterations,
+            max_iter=self.max_iter, lr=self.lr, eval_every=eval_every, evaluate=evaluate, progress=progress,
+        )
+        return Reconstruction(
+            images=images.clamp(0, 1), labels=best_logits.argmax(dim=1).long(), history=history
+        )

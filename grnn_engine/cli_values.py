@@ -1,0 +1,34 @@
+"""Parsing KEY=VALUE command-line settings into typed values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from grnn_engine.errors import ConfigError
+
+
+def parse_value(text: str) -> Any:
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'null' -> None, '[1, 2]' -> [1, 2], else the string."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, dict) and not text.strip().startswith("{") else value
+
+
+def parse_assignments(items: list[str] | None, option: str) -> dict[str, Any]:
+    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}; a malformed item is a ConfigError naming it."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects KEY=VALUE (got '{item}')")
+        out[key.strip()] = parse_value(value.strip())
+    return out

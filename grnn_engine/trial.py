@@ -1,0 +1,166 @@
+"""run_trial: the one function that wires data -> victim/stage -> client update -> defense -> attack -> score."""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grnn_engine.attacks.base import ATTACKS, SharedUpdate, soft_cross_entropy, trainable_parameters
+from grnn_engine.data import ImageSet, load_dataset, select_batch
+from grnn_engine.defenses import DEFENSES, ClientBatch
+from grnn_engine.errors import ConfigError
+from grnn_engine.metrics import matched_psnr, score
+from grnn_engine.result import COMPLETE, FAILED, TrialResult
+from grnn_engine.trial_spec import TrialSpec
+from grnn_engine.victims import create_victim
+
+ProgressFn = Callable[[dict[str, Any]], None]
+UPDATE_KINDS = ("fedsgd", "fedavg")
+_DEFENSE_STREAM = 1_000_003
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the GPU Ray (or the user) made visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was asked for but no GPU is visible; use 'auto' or 'cpu'")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ConfigError(f"unknown device '{name}'; allowed: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def client_update(
+    model: nn.Module, images: Tensor, labels: Tensor, kind: str, params: dict[str, Any]
+) -> SharedUpdate:
+    """What an honest client computes on its batch with the current global model.
+
+    fedsgd: the gradient of the mean cross-entropy (the paper's setting). fedavg: the model delta after
+    `local_steps` full-batch SGD steps at `local_lr`. Both with the model in eval mode (BatchNorm uses
+    the global running statistics; see grnn_engine.victims).
+    """
+    if kind == "fedsgd":
+        unknown = sorted(params)
+        if unknown:
+            raise ConfigError(f"update 'fedsgd' takes no parameters (got '{unknown[0]}')")
+        grads = torch.autograd.grad(soft_cross_entropy(model(images), labels), trainable_parameters(model))
+        return SharedUpdate(tensors=tuple(g.detach() for g in grads), kind="fedsgd")
+    if kind != "fedavg":
+        raise ConfigError(f"unknown update '{kind}'; allowed: {', '.join(UPDATE_KINDS)}")
+    allowed = {"local_steps", "local_lr"}
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise ConfigError(f"unknown fedavg parameter '{extra[0]}'; allowed: local_lr, local_steps")
+    steps = int(params.get("local_steps", 5))
+    lr = float(params.get("local_lr", 0.01))
+    if steps < 1 or not lr > 0:
+        raise ConfigError(f"fedavg needs local_steps >= 1 and local_lr > 0 (got {steps}, {lr})")
+    local = copy.deepcopy(model)
+    local_params = trainable_parameters(local)
+    optimizer = torch.optim.SGD(local_params, lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        soft_cross_entropy(local(images), labels).backward()
+        optimizer.step()
+    delta = tuple((new - old).detach() for new, old in zip(local_params, trainable_parameters(model), strict=True))
+    return SharedUpdate(tensors=delta, kind="fedavg", local_steps=steps, local_lr=lr)
+
+
+def image_grid_png(truth: Tensor, recon: Tensor) -> bytes:
+    """PNG of the true batch (top row) above the matched reconstruction (bottom row)."""
+    from PIL import Image  # imported here: only trials that finish need it
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.cat([truth, recon]).cpu().clamp(0, 1), nrow=truth.shape[0], padding=2, pad_value=1.0)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def global_model(
+    spec: TrialSpec, images: ImageSet, device: torch.device, stage_state: dict[str, Any] | None
+) -> tuple[nn.Module, float | None, float | None]:
+    """The global model being attacked, with its test accuracy and loss when known.
+
+    fl_round 0 is the untrained model; later rounds come from `stage_state` (handed over by the
+    orchestrator) or are trained here through grnn_engine.fl.
+    """
+    model = create_victim(
+        spec.victim, num_classes=images.num_classes, image_size=spec.image_size, seed=spec.seed,
+        **spec.victim_params,
+    )
+    acc = loss = None
+    if spec.fl_round > 0 or stage_state is not None:
+        if stage_state is None:
+            from grnn_engine.fl import stage_for_trial  # only trials on trained stages need FL
+
+            stage_state = stage_for_trial(spec)
+        model.load_state_dict(stage_state["state_dict"])
+        acc, loss = stage_state.get("model_acc"), stage_state.get("model_loss")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.to(device), acc, loss
+
+
+def run_trial(
+    spec: TrialSpec, stage_state: dict[str, Any] | None = None, progress: ProgressFn | None = None
+) -> TrialResult:
+    """Run one attack trial and score it. Raises ConfigError/DataError for bad settings or missing data.
+
+    A trial whose reconstruction scores NaN/inf is returned with status FAILED (error_type NonFinite).
+    """
+    start = time.perf_counter()
+    device = resolve_device(spec.device)
+    attack = ATTACKS.create(spec.attack, **spec.attack_params)
+    defense = DEFENSES.create(spec.defense, **spec.defense_params)
+    images_set = load_dataset(
+        spec.dataset, root=spec.data_root, split=spec.split, image_size=spec.image_size, download=spec.download
+    )
+    images, labels, indices = select_batch(
+        images_set, spec.batch_size, spec.seed, indices=spec.indices, distinct_labels=spec.distinct_labels
+    )
+    images, labels = images.to(device), labels.to(device)
+    model, model_acc, model_loss = global_model(spec, images_set, device, stage_state)
+
+    # Separate streams, so that the attack starts from the same point whatever the defense draws.
+    generator = torch.Generator().manual_seed(spec.seed)
+    defense_generator = torch.Generator().manual_seed(spec.seed + _DEFENSE_STREAM)
+    update = client_update(model, images, labels, spec.update, spec.update_params)
+    shared = defense.apply(update, client=ClientBatch(model, images, labels), generator=defense_generator)
+
+    def evaluate(candidate: Tensor) -> float:
+        return matched_psnr(candidate, images)
+
+    attack_start = time.perf_counter()
+    channels, height, width = images.shape[1:]
+    recon = attack.reconstruct(
+        model, shared, num_classes=images_set.num_classes, batch_size=spec.batch_size,
+        image_shape=(channels, height, width), generator=generator, progress=progress, evaluate=evaluate,
+        eval_every=spec.eval_every,
+    )
+    attack_s = time.perf_counter() - attack_start
+    iterations = int(recon.history[-1]["iteration"]) if recon.history else attack.iterations
+    result = TrialResult(
+        spec=spec, status=COMPLETE, model_acc=model_acc, model_loss=model_loss, attack_s=attack_s,
+        iterations=iterations, device=str(device), history=recon.history,
+    )
+    if not torch.isfinite(recon.images).all():
+        result.status, result.error_type = FAILED, "NonFinite"
+        result.error = f"{spec.attack} produced non-finite images"
+    else:
+        s = score(recon.images, recon.labels, images, labels, success_psnr=spec.success_psnr)
+        result.metrics = {**s.__dict__, "indices": list(indices)}
+        result.image_png = image_grid_png(images, recon.images[s.matching])
+        if not result.is_finite():
+            result.status, result.error_type = FAILED, "NonFinite"
+            result.error = f"{spec.attack} scored non-finite metrics"
+    result.wall_s = time.perf_counter() - start
+    return result

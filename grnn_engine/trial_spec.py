@@ -1,0 +1,53 @@
+"""TrialSpec: everything that defines one attack trial, as plain data, with a stable key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# Fields that say where or how a trial runs, not what it computes: left out of its key, so the same
+# cell gets the same key on every machine.
+_NOT_IN_KEY = {"data_root", "device", "download"}
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One attack trial. Every field is plain data (str, int, float, bool, list, dict)."""
+
+    attack: str = "grnn"
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    victim: str = "lenet"
+    victim_params: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    split: str = "test"
+    image_size: int = 32
+    batch_size: int = 1
+    indices: list[int] | None = None  # explicit images of the private batch; else chosen from the seed
+    distinct_labels: bool = False
+    fl_round: int = 0
+    fl: dict[str, Any] = field(default_factory=dict)  # FedAvg settings of the training stage
+    update: str = "fedsgd"
+    update_params: dict[str, Any] = field(default_factory=dict)  # fedavg: local_steps, local_lr
+    defense: str = "none"
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    success_psnr: float = 20.0
+    eval_every: int = 50
+    device: str = "auto"
+
+    def canonical(self) -> dict[str, Any]:
+        """The fields that define what is computed, as a JSON-ready dict."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+
+    def key(self) -> str:
+        """Stable 16-hex-digit hash of the canonical JSON (sorted keys): same cell, same key, anywhere."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,126 @@
+"""run_trial end to end on real digits, the client update, and the one-trial command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from grnn_engine import TrialSpec, run_trial
+from grnn_engine.__main__ import main
+from grnn_engine.data import load_dataset, select_batch
+from grnn_engine.errors import ConfigError
+from grnn_engine.trial import client_update
+from grnn_engine.victims import create_victim
+
+SMALL = TrialSpec(attack="grnn", attack_params={"iterations": 20}, batch_size=2, eval_every=10)
+
+
+def test_run_trial_returns_a_complete_scored_row() -> None:
+    result = run_trial(SMALL)
+    row = result.to_row()
+    assert row["status"] == "COMPLETE" and row["error"] is None
+    assert row["trial_key"] == SMALL.key()
+    assert row["attack"] == "grnn" and row["attack.iterations"] == 20
+    assert row["iterations"] == 20 and row["s_per_iter"] > 0 and row["wall_s"] >= row["s_per_iter"] * 20
+    assert len(row["psnr_per_image"]) == 2 and sorted(row["matching"]) == [0, 1]
+    assert row["psnr"] == pytest.approx(sum(row["psnr_per_image"]) / 2)
+    assert json.loads(row["history_json"])[-1]["iteration"] == 20
+    assert row["device"] == "cpu" and row["torch_version"] == torch.__version__
+    png = Image.open(__import__("io").BytesIO(result.image_png))
+    assert png.size == (2 * 34 + 2, 2 * 34 + 2)  # two rows (truth, reconstruction) of two 32px images
+
+
+def test_run_trial_is_reproducible() -> None:
+    a, b = run_trial(SMALL).to_row(), run_trial(SMALL).to_row()
+    assert a["psnr_per_image"] == b["psnr_per_image"]
+    assert a["labels_recovered"] == b["labels_recovered"]
+
+
+def test_trial_key_ignores_where_it_runs_but_not_what_it_computes() -> None:
+    assert TrialSpec(data_root="/a", device="cpu").key() == TrialSpec(data_root="/b", device="auto").key()
+    assert TrialSpec(seed=1).key() != TrialSpec(seed=2).key()
+    assert TrialSpec(attack_params={"lr": 1e-3}).key() != TrialSpec(attack_params={"lr": 2e-3}).key()
+
+
+def test_fedsgd_update_is_the_batch_gradient() -> None:
+    data = load_dataset("digits", image_size=32)
+    images, labels, _ = select_batch(data, 3, 0)
+    model = create_victim("lenet", num_classes=10, seed=0)
+    update = client_update(model, images, labels, "fedsgd", {})
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.allclose(u, e) for u, e in zip(update.tensors, expected, strict=True))
+    assert update.as_gradient() is update.tensors
+
+
+def test_fedavg_update_of_one_step_implies_the_gradient() -> None:
+    data = load_dataset("digits", image_size=32)
+    images, labels, _ = select_batch(data, 2, 0)
+    model = create_victim("lenet", num_classes=10, seed=0)
+    sgd = client_update(model, images, labels, "fedsgd", {})
+    avg = client_update(model, images, labels, "fedavg", {"local_steps": 1, "local_lr": 0.05})
+    assert avg.kind == "fedavg"
+    assert all(torch.allclose(a, g, atol=1e-6) for a, g in zip(avg.as_gradient(), sgd.tensors, strict=True))
+    with pytest.raises(ConfigError, match="local_stepz"):
+        client_update(model, images, labels, "fedavg", {"local_stepz": 2})
+
+
+def test_defense_noise_does_not_change_the_attack_start() -> None:
+    # The attack's randomness is its own stream: with sigma 0 the gaussian defense changes nothing.
+    base = run_trial(SMALL).to_row()
+    zero = run_trial(TrialSpec(**{**SMALL.__dict__, "defense": "gaussian", "defense_params": {"sigma": 0.0}})).to_row()
+    assert zero["psnr_per_image"] == base["psnr_per_image"]
+
+
+def test_cli_prints_one_json_line_and_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--attack", "grnn", "--iterations", "10", "--batch-size", "1", "--eval-every", "5",
+                 "--out", str(tmp_path), "--attack-param", "lr=2e-4"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(out) == 1
+    line = json.loads(out[0])
+    for key in ("psnr", "ssim", "mse", "label_acc", "success", "psnr_per_image", "labels_true",
+                "labels_recovered", "wall_s", "iterations", "s_per_iter", "device", "versions"):
+        assert key in line
+    assert line["attack.lr"] == 2e-4 and line["iterations"] == 10
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["psnr"] == line["psnr"] and len(saved["history"]) == 2
+    assert Image.open(tmp_path / "reconstruction.png").size[1] == 2 * 34 + 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--attack", "grn"], "unknown attack 'grn' (did you mean 'grnn'?)"),
+        (["--victim", "lenett"], "unknown victim 'lenett'"),
+        (["--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
+        (["--dataset", "cifar10", "--data-root", "/nonexistent/x"], "/nonexistent/x"),
+        (["--victim", "lenet", "--image-size", "12"], "12"),
+        (["--attack-param", "nonsense"], "KEY=VALUE"),
+        (["--batch-size", "four"], "invalid int value: 'four'"),
+        (["--defense", "gausian"], "did you mean 'gaussian'"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line_exit_2(args: list[str], needle: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "grnn_engine", "--iterations", "2", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_documents_every_option() -> None:
+    proc = subprocess.run([sys.executable, "-m", "grnn_engine", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for option in ("--attack", "--victim", "--dataset", "--data-root", "--split", "--batch-size", "--index",
+                   "--iterations", "--attack-param", "--victim-param", "--seed", "--out", "--fl-round", "--update",
+                   "--defense", "--defense-param"):
+        assert option in proc.stdout
