@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -30,12 +29,23 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from grnn_engine.attacks.base import SharedUpdate, last_linear_positions, soft_cross_entropy, trainable_parameters
+from grnn_engine.attacks.base import (
+    SharedUpdate,
+    last_linear_positions,
+    soft_cross_entropy,
+    trainable_parameters,
+)
 from grnn_engine.errors import ConfigError
 from grnn_engine.registry import Registry
 
 __all__ = [
-    "DEFENSES", "ClientBatch", "Defense", "ParamSpec", "clip_per_example", "create_defense", "param_specs",
+    "DEFENSES",
+    "ClientBatch",
+    "Defense",
+    "ParamSpec",
+    "clip_per_example",
+    "create_defense",
+    "param_specs",
     "per_example_gradients",
 ]
 
@@ -90,7 +100,7 @@ class ParamSpec:
         return int(number) if self.kind is int else number
 
 
-class Defense(ABC):
+class Defense:
     """Base of every defense. Subclasses override `defend_update` and/or `defend_gradient` (see module doc)."""
 
     #: The registered name (set on registration), used in error messages.
@@ -120,7 +130,9 @@ class Defense(ABC):
                 tensors = self._replay_local_steps(update, client, generator)
         return replace(update, tensors=self.defend_update(tensors, generator))
 
-    def _replay_local_steps(self, update: SharedUpdate, client: ClientBatch, generator: torch.Generator) -> Grads:
+    def _replay_local_steps(
+        self, update: SharedUpdate, client: ClientBatch, generator: torch.Generator
+    ) -> Grads:
         # The same full-batch SGD steps as trial.client_update, each on the defended gradient.
         local = copy.deepcopy(client.model)
         params = trainable_parameters(local)
@@ -170,7 +182,9 @@ def _noise_like(t: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.sqrt(sum((t.detach().double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.double)))
+    return torch.sqrt(
+        sum((t.detach().double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.double))
+    )
 
 
 # ---------------------------------------------------------------------------------------------- update-level
@@ -244,7 +258,9 @@ class Prune(Defense):
 
     PARAMS = {
         "ratio": ParamSpec(float, low=0.0, high=1.0, high_open=True, doc="fraction of entries zeroed"),
-        "scope": ParamSpec(str, choices=("global", "layer"), doc="rank entries over the whole update or per tensor"),
+        "scope": ParamSpec(
+            str, choices=("global", "layer"), doc="rank entries over the whole update or per tensor"
+        ),
     }
 
     def __init__(self, *, ratio: float = 0.9, scope: str = "global") -> None:
@@ -296,7 +312,9 @@ class Quantize(Defense):
                 continue
             scaled = (x - lo) / (hi - lo) * steps
             low_level = scaled.floor()
-            up = torch.rand(t.shape, generator=generator, dtype=torch.float64).to(t.device) < (scaled - low_level)
+            up = torch.rand(t.shape, generator=generator, dtype=torch.float64).to(t.device) < (
+                scaled - low_level
+            )
             level = (low_level + up.double()).clamp(0, steps)
             out.append((lo + level * ((hi - lo) / steps)).to(t.dtype))
         return tuple(out)
@@ -343,7 +361,7 @@ def per_example_gradients(model: nn.Module, images: Tensor, labels: Tensor) -> G
 def clip_per_example(per_example: Grads, clip: float) -> Grads:
     """Each example's gradient (all tensors together) scaled to L2 norm <= clip: g / max(1, ||g|| / clip)."""
     batch = per_example[0].shape[0]
-    sq = sum(g.reshape(batch, -1).pow(2).sum(dim=1) for g in per_example)
+    sq = torch.stack([g.reshape(batch, -1).pow(2).sum(dim=1) for g in per_example]).sum(dim=0)
     factor = (torch.sqrt(sq) / clip).clamp(min=1.0).reciprocal()
     return tuple(g * factor.view(-1, *([1] * (g.dim() - 1))) for g in per_example)
 
@@ -391,7 +409,9 @@ def _last_linear(model: nn.Module) -> nn.Linear:
         if isinstance(module, nn.Linear):
             last = module
     if last is None:
-        raise ConfigError(f"soteria needs a model with an nn.Linear classifier; {type(model).__name__} has none")
+        raise ConfigError(
+            f"soteria needs a model with an nn.Linear classifier; {type(model).__name__} has none"
+        )
     return last
 
 
@@ -435,7 +455,9 @@ class Soteria(Defense):
     """
 
     PARAMS = {
-        "ratio": ParamSpec(float, low=0.0, high=1.0, high_open=True, doc="fraction of representation features pruned")
+        "ratio": ParamSpec(
+            float, low=0.0, high=1.0, high_open=True, doc="fraction of representation features pruned"
+        )
     }
     needs_batch = True
 
@@ -469,12 +491,17 @@ class Compose(Defense):
 
     def __init__(self, *, steps: Sequence[dict[str, Any]] = ()) -> None:
         if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
-            raise ConfigError(f"compose steps must be a list of {{name, params}} dicts (got {steps!r})")
+            raise ConfigError(
+                f"compose steps must be a list of {{name, params}} dicts (got {steps!r}); in a sweep spec, "
+                "where a list is an axis, write steps: [[step, step]]"
+            )
         self.steps: list[Defense] = []
         names: list[str] = []
         for step in steps:
             if not isinstance(step, dict) or "name" not in step or set(step) - {"name", "params"}:
-                raise ConfigError(f"each compose step must be a dict with keys name and params (got {step!r})")
+                raise ConfigError(
+                    f"each compose step must be a dict with keys name and params (got {step!r})"
+                )
             params = step.get("params") or {}
             if not isinstance(params, dict):
                 raise ConfigError(f"compose step '{step['name']}' params must be a dict (got {params!r})")
@@ -487,7 +514,9 @@ class Compose(Defense):
                     f"steps (got order {names})"
                 )
             if isinstance(defense, DPSGD) and i > 0:
-                raise ConfigError(f"compose step 'dp_sgd' recomputes the gradient and must be first (got order {names})")
+                raise ConfigError(
+                    f"compose step 'dp_sgd' recomputes the gradient and must be first (got order {names})"
+                )
         self.needs_batch = any(d.needs_batch for d in self.steps)
 
     def defend_gradient(
