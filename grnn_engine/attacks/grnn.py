@@ -2,19 +2,29 @@
 
 A generator maps one fixed noise vector per image to an image (and, through a second branch, to a soft
 label); its weights, not the pixels, are fitted so that the victim's gradient on the generated batch
-matches the shared gradient. Defaults follow the authors' code (github Rand2AI/GRNN): RMSprop lr 1e-4,
-momentum 0.99, 1000 iterations, noise dimension 128, loss = squared gradient difference + gradient distance
-+ lambda_TV * TV. Two details of that code that we keep on purpose:
-- its "Wasserstein" term is just the L2 norm of the gradient difference (`distance: l2`); `distance:
-  wasserstein` is the exact 1-D Wasserstein-2 distance between the sorted entries of each layer's gradient.
-- its generator `weight_init(0, 0.02)` visits only top-level containers and so changes nothing: the
-  generator keeps PyTorch's default initialisation, as here.
+matches the shared gradient. Two presets:
+
+- `paper` (the default, for reproduction): the authors' code (github Rand2AI/GRNN): RMSprop lr 1e-4,
+  momentum 0.99, 1000 iterations, noise dimension 128, learned labels, the last iterate returned,
+  loss = squared gradient difference + gradient distance + lambda_TV * TV. Two details of that code that
+  we keep on purpose:
+  - its "Wasserstein" term is just the L2 norm of the gradient difference (`distance: l2`); `distance:
+    wasserstein` is the exact 1-D Wasserstein-2 distance between the sorted entries of each layer's
+    gradient.
+  - its generator `weight_init(0, 0.02)` visits only top-level containers and so changes nothing: the
+    generator keeps PyTorch's default initialisation, as here.
+- `strong` (for audits): settings found by measurement (benchmarks/strength_search.py; the log and the
+  numbers are in the README), see `PRESETS`.
+
+Every knob is a parameter; one given explicitly overrides the preset's value. Restarts and the choice of
+iterate use only the gradient loss, which the attacker sees, never the truth.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,19 +32,70 @@ from torch import Tensor, nn
 from grnn_engine.attacks.base import (
     ATTACKS,
     Attack,
+    BestIterate,
     EvaluateFn,
     ProgressFn,
     Reconstruction,
     SharedUpdate,
+    check_reconstruct_args,
+    labels_from_gradient,
     soft_cross_entropy,
     squared_gradient_distance,
     total_variation,
     trainable_parameters,
 )
+from grnn_engine.attacks.ig import CosineDistance
 from grnn_engine.errors import ConfigError
 
 # Models up to this many parameters get the authors' LeNet TV weight, larger ones their ResNet weight.
 _SMALL_MODEL_PARAMS = 100_000
+
+OPTIMIZERS = ("rmsprop", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+DISTANCES = ("l2", "wasserstein")
+LABELS = ("learned", "inferred")
+SELECTS = ("last", "best")
+GENERATOR_NORMS = ("batch", "none")
+
+# The knob values of each preset. `None` for tv_weight means the authors' size-dependent choice.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "iterations": 1000,
+        "restarts": 1,
+        "optimizer": "rmsprop",
+        "lr": 1e-4,
+        "momentum": 0.99,
+        "schedule": "constant",
+        "noise_dim": 128,
+        "distance": "l2",
+        "cosine_weight": 0.0,
+        "tv_weight": None,
+        "width": 32,
+        "labels": "learned",
+        "select": "last",
+        "generator_norm": "batch",
+        "refine_iterations": 0,
+        "refine_lr": 0.01,
+    },
+    "strong": {
+        "iterations": 1000,
+        "restarts": 1,
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "momentum": 0.99,
+        "schedule": "cosine",
+        "noise_dim": 128,
+        "distance": "l2",
+        "cosine_weight": 0.0,
+        "tv_weight": None,
+        "width": 32,
+        "labels": "inferred",
+        "select": "best",
+        "generator_norm": "batch",
+        "refine_iterations": 0,
+        "refine_lr": 0.01,
+    },
+}
 
 
 class _GLU(nn.Module):
@@ -45,11 +106,12 @@ class _GLU(nn.Module):
         return a * torch.sigmoid(b)
 
 
-def _up_block(in_ch: int, out_ch: int) -> nn.Sequential:
+def _up_block(in_ch: int, out_ch: int, norm: str = "batch") -> nn.Sequential:
+    # Without BatchNorm the convolution needs its own bias to shift its output.
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(in_ch, out_ch * 2, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_ch * 2),
+        nn.Conv2d(in_ch, out_ch * 2, kernel_size=3, padding=1, bias=norm == "none"),
+        nn.BatchNorm2d(out_ch * 2) if norm == "batch" else nn.Identity(),
         _GLU(),
     )
 
@@ -58,10 +120,18 @@ class GrnnGenerator(nn.Module):
     """The two GRNN branches: noise (B, noise_dim) -> images (B, C, S, S) in [0, 1] and soft labels (B, K).
 
     The image branch generates at the next power of two >= S (the architecture doubles from 4x4) and is
-    resized to S when S is not a power of two.
+    resized to S when S is not a power of two. `norm` is "batch" (the authors') or "none".
     """
 
-    def __init__(self, *, noise_dim: int, num_classes: int, image_shape: tuple[int, int, int], width: int = 32):
+    def __init__(
+        self,
+        *,
+        noise_dim: int,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        width: int = 32,
+        norm: str = "batch",
+    ):
         super().__init__()
         channels, height, _ = image_shape
         self.out_size = height
@@ -75,8 +145,8 @@ class GrnnGenerator(nn.Module):
             _GLU(),
         ]
         for b in reversed(range(blocks)):
-            layers.append(_up_block(width * 2 ** (b + 1), width * 2**b))
-        layers.append(_up_block(width, channels))
+            layers.append(_up_block(width * 2 ** (b + 1), width * 2**b, norm))
+        layers.append(_up_block(width, channels, norm))
         self.image_branch = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,50 +168,158 @@ def wasserstein_layer_distance(fake: Sequence[Tensor], true_sorted: Sequence[Ten
     ).sum()
 
 
+def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"grnn {name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"grnn {name} must be an integer >= {minimum} (got {value!r})")
+
+
+def _number(name: str, value: object, *, positive: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):  # type: ignore[operator]
+        raise ConfigError(f"grnn {name} must be a finite number {'> 0' if positive else '>= 0'} (got {value!r})")
+
+
+class _Loss:
+    """The attacker's objective on a candidate gradient: (matching loss without TV, squared distance).
+
+    matching = squared + distance term + cosine_weight * layer cosine; the squared distance alone is the
+    `grad_loss` the history logs and the restarts compare.
+    """
+
+    def __init__(self, target: Sequence[Tensor], distance: str, cosine_weight: float) -> None:
+        self.target = list(target)
+        self.distance = distance
+        self.target_sorted = [torch.sort(t.flatten()).values for t in self.target] if distance == "wasserstein" else []
+        self.cosine = CosineDistance(self.target, "layer_cosine") if cosine_weight > 0 else None
+        self.cosine_weight = cosine_weight
+
+    def __call__(self, fake: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        squared = squared_gradient_distance(fake, self.target)
+        if self.distance == "l2":
+            distance = squared.clamp(min=1e-30).sqrt()
+        else:
+            distance = wasserstein_layer_distance(fake, self.target_sorted)
+        matching = squared + distance
+        if self.cosine is not None:
+            matching = matching + self.cosine_weight * self.cosine(fake)
+        return matching, squared
+
+
 @ATTACKS.register("grnn")
 class GRNN(Attack):
-    """GRNN with the authors' defaults; every setting is a parameter.
+    """GRNN; `preset` ("paper" or "strong") sets the defaults of every other knob.
 
-    Parameters: iterations; lr, momentum (RMSprop); noise_dim; distance ("l2" as the authors' code, or
-    "wasserstein"); tv_weight (None = the authors' choice: 1e-3 for LeNet-sized models, 1e-6 for ResNets,
-    told apart by parameter count); width (generator base channels, 32 in the authors' code).
+    Parameters (None = the preset's value):
+    - iterations: optimisation steps per restart; `self.iterations` is the total, iterations * restarts
+      + refine_iterations.
+    - restarts: independent runs (new generator, new noise); the one with the lowest gradient loss wins.
+    - optimizer ("rmsprop", "adam"), lr, momentum (RMSprop only), schedule ("constant"; "cosine" anneals
+      to lr/100; "step" cuts x0.1 at 3/8, 5/8, 7/8 of the iterations).
+    - noise_dim, width (generator base channels), generator_norm ("batch" as the authors, or "none").
+    - distance ("l2" as the authors' code, or "wasserstein"); cosine_weight (weight of a per-layer cosine
+      distance added to the loss, as Inverting Gradients'); tv_weight (None = the authors' choice: 1e-3
+      for LeNet-sized models, 1e-6 for ResNets, told apart by parameter count).
+    - labels: "learned" (the generator's label branch, as the paper) or "inferred" (iDLG-style, from the
+      classifier's gradient, then fixed).
+    - select: "last" (the last iterate, as the authors' code) or "best" (the iterate of lowest gradient loss).
+    - refine_iterations, refine_lr: after the generator, Adam steps on the pixels themselves (boxed to
+      [0, 1]) from the winning images, same loss; 0 = none.
     """
 
     def __init__(
         self,
         *,
-        iterations: int = 1000,
-        lr: float = 1e-4,
-        momentum: float = 0.99,
-        noise_dim: int = 128,
-        distance: str = "l2",
+        preset: str = "paper",
+        iterations: int | None = None,
+        restarts: int | None = None,
+        optimizer: str | None = None,
+        lr: float | None = None,
+        momentum: float | None = None,
+        schedule: str | None = None,
+        noise_dim: int | None = None,
+        distance: str | None = None,
+        cosine_weight: float | None = None,
         tv_weight: float | None = None,
-        width: int = 32,
+        width: int | None = None,
+        labels: str | None = None,
+        select: str | None = None,
+        generator_norm: str | None = None,
+        refine_iterations: int | None = None,
+        refine_lr: float | None = None,
     ) -> None:
-        if iterations < 1:
-            raise ConfigError(f"grnn iterations must be >= 1 (got {iterations})")
-        if not lr > 0:
-            raise ConfigError(f"grnn lr must be > 0 (got {lr})")
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"grnn momentum must be in [0, 1) (got {momentum})")
-        if noise_dim < 1 or width < 1:
-            raise ConfigError(f"grnn noise_dim and width must be >= 1 (got {noise_dim}, {width})")
-        if distance not in ("l2", "wasserstein"):
-            raise ConfigError(f"grnn distance must be 'l2' or 'wasserstein' (got '{distance}')")
-        if tv_weight is not None and not tv_weight >= 0:
-            raise ConfigError(f"grnn tv_weight must be >= 0 (got {tv_weight})")
-        self.iterations = iterations
-        self.lr = lr
-        self.momentum = momentum
-        self.noise_dim = noise_dim
-        self.distance = distance
-        self.tv_weight = tv_weight
-        self.width = width
+        _choice("preset", preset, tuple(PRESETS))
+        given = {
+            "iterations": iterations, "restarts": restarts, "optimizer": optimizer, "lr": lr,
+            "momentum": momentum, "schedule": schedule, "noise_dim": noise_dim, "distance": distance,
+            "cosine_weight": cosine_weight, "tv_weight": tv_weight, "width": width, "labels": labels,
+            "select": select, "generator_norm": generator_norm, "refine_iterations": refine_iterations,
+            "refine_lr": refine_lr,
+        }
+        knobs = {k: (v if v is not None else PRESETS[preset][k]) for k, v in given.items()}
+        _positive_int("iterations", knobs["iterations"])
+        _positive_int("restarts", knobs["restarts"])
+        _positive_int("noise_dim", knobs["noise_dim"])
+        _positive_int("width", knobs["width"])
+        _positive_int("refine_iterations", knobs["refine_iterations"], minimum=0)
+        _choice("optimizer", knobs["optimizer"], OPTIMIZERS)
+        _choice("schedule", knobs["schedule"], SCHEDULES)
+        _choice("distance", knobs["distance"], DISTANCES)
+        _choice("labels", knobs["labels"], LABELS)
+        _choice("select", knobs["select"], SELECTS)
+        _choice("generator_norm", knobs["generator_norm"], GENERATOR_NORMS)
+        _number("lr", knobs["lr"], positive=True)
+        _number("refine_lr", knobs["refine_lr"], positive=True)
+        _number("cosine_weight", knobs["cosine_weight"], positive=False)
+        if knobs["tv_weight"] is not None:
+            _number("tv_weight", knobs["tv_weight"], positive=False)
+        m = knobs["momentum"]
+        if not (isinstance(m, int | float) and not isinstance(m, bool) and 0 <= m < 1):
+            raise ConfigError(f"grnn momentum must be a number in [0, 1) (got {m!r})")
+
+        self.preset: str = preset
+        self.steps_per_restart: int = knobs["iterations"]
+        self.restarts: int = knobs["restarts"]
+        self.optimizer: str = knobs["optimizer"]
+        self.lr: float = knobs["lr"]
+        self.momentum: float = knobs["momentum"]
+        self.schedule: str = knobs["schedule"]
+        self.noise_dim: int = knobs["noise_dim"]
+        self.distance: str = knobs["distance"]
+        self.cosine_weight: float = knobs["cosine_weight"]
+        self.tv_weight: float | None = knobs["tv_weight"]
+        self.width: int = knobs["width"]
+        self.labels: str = knobs["labels"]
+        self.select: str = knobs["select"]
+        self.generator_norm: str = knobs["generator_norm"]
+        self.refine_iterations: int = knobs["refine_iterations"]
+        self.refine_lr: float = knobs["refine_lr"]
+        self.iterations = self.steps_per_restart * self.restarts + self.refine_iterations
 
     def _tv_weight(self, params: Sequence[Tensor]) -> float:
         if self.tv_weight is not None:
             return self.tv_weight
         return 1e-3 if sum(p.numel() for p in params) <= _SMALL_MODEL_PARAMS else 1e-6
+
+    def _optimizer(self, weights: list[Tensor], lr: float) -> tuple[torch.optim.Optimizer, Any]:
+        steps = self.steps_per_restart
+        optimizer: torch.optim.Optimizer
+        if self.optimizer == "rmsprop":
+            optimizer = torch.optim.RMSprop(weights, lr=lr, momentum=self.momentum)
+        else:
+            optimizer = torch.optim.Adam(weights, lr=lr)
+        scheduler: Any = None
+        if self.schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 100)
+        elif self.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=[steps * 3 // 8, steps * 5 // 8, steps * 7 // 8], gamma=0.1
+            )
+        return optimizer, scheduler
 
     def reconstruct(
         self,
@@ -159,41 +337,91 @@ class GRNN(Attack):
         params = trainable_parameters(model)
         device = params[0].device
         target = [t.detach() for t in shared_update.as_gradient()]
-        target_sorted = [torch.sort(t.flatten()).values for t in target] if self.distance == "wasserstein" else []
+        check_reconstruct_args("grnn", target, params, batch_size=batch_size, eval_every=eval_every)
+        objective = _Loss(target, self.distance, self.cosine_weight)
         tv_weight = self._tv_weight(params)
+        fixed_labels = None
+        if self.labels == "inferred":
+            fixed_labels = labels_from_gradient(
+                model, target, batch_size=batch_size, image_shape=image_shape, generator=generator
+            ).long()
 
+        history: list[dict[str, float]] = []
+        best: tuple[Tensor, Tensor, float] | None = None
+        for restart in range(self.restarts):
+            images, labels, loss = self._one_restart(
+                model, params, objective, tv_weight, fixed_labels, restart, num_classes, batch_size,
+                image_shape, generator, history, eval_every, evaluate, progress,
+            )
+            # NaN never compares lower, so a diverged restart only wins when every restart diverged.
+            if best is None or loss < best[2]:
+                best = (images, labels, loss)
+        assert best is not None
+        images, labels, _ = best
+        if self.refine_iterations:
+            images = self._refine(model, params, objective, tv_weight, images, labels, history, eval_every,
+                                  evaluate, progress)
+        return Reconstruction(images=images.clamp(0, 1), labels=labels, history=history)
+
+    def _one_restart(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        objective: _Loss,
+        tv_weight: float,
+        fixed_labels: Tensor | None,
+        restart: int,
+        num_classes: int,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        generator: torch.Generator,
+        history: list[dict[str, float]],
+        eval_every: int,
+        evaluate: EvaluateFn | None,
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, Tensor, float]:
+        """One generator fitted from a fresh start: (its images, hard labels, their gradient loss)."""
+        device = params[0].device
         init_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             net = GrnnGenerator(
-                noise_dim=self.noise_dim, num_classes=num_classes, image_shape=image_shape, width=self.width
+                noise_dim=self.noise_dim, num_classes=num_classes, image_shape=image_shape, width=self.width,
+                norm=self.generator_norm,
             )
         net = net.to(device)
         net.train()
         z = torch.randn((batch_size, self.noise_dim), generator=generator).to(device)
-        weights = list(net.parameters())
-        optimizer = torch.optim.RMSprop(weights, lr=self.lr, momentum=self.momentum)
+        # With fixed labels the label branch gets no gradient; leaving it out keeps the optimiser exact.
+        weights = [p for n, p in net.named_parameters() if fixed_labels is None or not n.startswith("label_branch")]
+        optimizer, scheduler = self._optimizer(weights, self.lr)
 
-        history: list[dict[str, float]] = []
+        steps = self.steps_per_restart
+        offset = restart * steps
+        keep = BestIterate(torch.zeros((batch_size, *image_shape), device=device),
+                           torch.zeros((batch_size, num_classes), device=device)) if self.select == "best" else None
         images = soft_labels = torch.empty(0)
-        for it in range(1, self.iterations + 1):
+        squared = torch.full((), math.nan)
+        for it in range(1, steps + 1):
             images, soft_labels = net(z)
-            fake = torch.autograd.grad(
-                soft_cross_entropy(model(images), soft_labels), params, create_graph=True
-            )
-            squared = squared_gradient_distance(fake, target)
-            if self.distance == "l2":
-                distance = squared.clamp(min=1e-30).sqrt()
-            else:
-                distance = wasserstein_layer_distance(fake, target_sorted)
-            loss = squared + distance + tv_weight * total_variation(images)
+            targets = fixed_labels if fixed_labels is not None else soft_labels
+            fake = torch.autograd.grad(soft_cross_entropy(model(images), targets), params, create_graph=True)
+            matching, squared = objective(fake)
+            loss = matching + tv_weight * total_variation(images)
+            if keep is not None:
+                keep.offer(squared, images, soft_labels)
             for w, g in zip(weights, torch.autograd.grad(loss, weights), strict=True):
                 w.grad = g
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
 
-            if it % eval_every == 0 or it == self.iterations:
+            if it % eval_every == 0 or it == steps:
                 grad_loss = float(squared.detach())
-                entry: dict[str, float] = {"iteration": it, "grad_loss": grad_loss}
+                entry: dict[str, float] = {"iteration": offset + it, "grad_loss": grad_loss}
+                if self.restarts > 1:
+                    entry["restart"] = restart
+                    entry["best_grad_loss"] = float(keep.loss) if keep is not None else grad_loss
                 if evaluate is not None:
                     entry["psnr"] = evaluate(images.detach())
                 history.append(entry)
@@ -202,9 +430,55 @@ class GRNN(Attack):
                 if not math.isfinite(grad_loss):
                     break
 
-        # The images that produced the last loss are the answer, as in the authors' code.
-        return Reconstruction(
-            images=images.detach().clamp(0, 1),
-            labels=soft_labels.detach().argmax(dim=1),
-            history=history,
-        )
+        if keep is not None and math.isfinite(float(keep.loss)):
+            images, soft_labels = keep.values
+            loss = float(keep.loss)
+        else:
+            # The images that produced the last loss are the answer, as in the authors' code.
+            loss = float(squared.detach())
+        labels = fixed_labels if fixed_labels is not None else soft_labels.detach().argmax(dim=1)
+        return images.detach(), labels, loss
+
+    def _refine(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        objective: _Loss,
+        tv_weight: float,
+        start: Tensor,
+        labels: Tensor,
+        history: list[dict[str, float]],
+        eval_every: int,
+        evaluate: EvaluateFn | None,
+        progress: ProgressFn | None,
+    ) -> Tensor:
+        """Fit the pixels directly from the generator's answer; returns the iterate of lowest gradient loss."""
+        x = start.detach().clone().clamp(0, 1).requires_grad_(True)
+        steps = self.refine_iterations
+        optimizer = torch.optim.Adam([x], lr=self.refine_lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=self.refine_lr / 100)
+        keep = BestIterate(x)
+        offset = self.steps_per_restart * self.restarts
+        for it in range(1, steps + 1):
+            fake = torch.autograd.grad(soft_cross_entropy(model(x), labels), params, create_graph=True)
+            matching, squared = objective(fake)
+            loss = matching + tv_weight * total_variation(x)
+            (x.grad,) = torch.autograd.grad(loss, [x])
+            keep.offer(squared, x)
+            log_now = it % eval_every == 0 or it == steps
+            before = x.detach().clone() if log_now else x
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                x.clamp_(0, 1)
+            if log_now:
+                grad_loss = float(squared.detach())
+                entry: dict[str, float] = {"iteration": offset + it, "grad_loss": grad_loss}
+                if evaluate is not None:
+                    entry["psnr"] = evaluate(before)
+                history.append(entry)
+                if progress is not None:
+                    progress({**entry, "iterations": self.iterations})
+                if not math.isfinite(grad_loss):
+                    break
+        return keep.values[0] if math.isfinite(float(keep.loss)) else start

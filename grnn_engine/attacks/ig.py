@@ -5,6 +5,11 @@ normalised) and initialised from N(0, 1) as in the authors' code, minimise a cos
 `tv_weight` * total variation. As in that code: Adam on the *sign* of the image gradient, the image boxed
 to [0, 1] after each step, the learning rate cut x0.1 at 3/8, 5/8 and 7/8 of the iterations, and of several
 restarts the one with the lowest gradient loss wins.
+
+tv_weight defaults to 1e-2, not the paper's 1e-4: our `total_variation` is a mean *squared* neighbour
+difference (Geiping's is a mean absolute one), so the same weight regularises far less. Measured with
+4800 steps, B = 1, untrained lenet, mean PSNR of 2 images: CIFAR-10 13.7 / 17.6 / 16.8 dB and digits
+12.6 / 17.1 / 16.3 dB for tv_weight 1e-4 / 1e-2 / 1e-1.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ class InvertingGradients(Attack):
         iterations: int = 4800,
         restarts: int = 1,
         lr: float = 0.1,
-        tv_weight: float = 1e-4,
+        tv_weight: float = 1e-2,
         distance: str = "layer_cosine",
     ) -> None:
         if not isinstance(iterations, int) or iterations < 1:
