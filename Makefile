@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 sweep: $(STAMP)
 	$(PY) -m orchestrator.sweep $(SPEC)
+	$(PY) -m orchestrator.report results/$$(basename $(SPEC) .yaml)
+
+report: $(STAMP)
+	$(PY) -m orchestrator.report results/$$(basename $(SPEC) .yaml)
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -m "not slow and not faults" -q

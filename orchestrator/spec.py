@@ -75,7 +75,17 @@ _NAME_RULE = "letters, digits, '.', '_' and '-' ([A-Za-z0-9._-]+, at most 100), 
 _VICTIM_SET_BY_SWEEP = {"num_classes": "the dataset", "image_size": "data.image_size", "seed": "grid.seed"}
 # Spec fields that say where a sweep runs, not what it computes: left out of spec_hash, as TrialSpec
 # leaves them out of its key, so the same sweep has the same hash on a laptop and on a cluster.
-_NOT_IN_HASH = {"data": {"root", "download"}}
+# Run settings (how many at once, time limits, resources) are left out too: changing them does not change
+# what any cell computes, so a results folder stays resumable under new run settings.
+_NOT_IN_HASH: dict[str, set[str] | None] = {
+    "data": {"root", "download"},
+    "description": None,
+    "resources": None,
+    "max_concurrent": None,
+    "trial_timeout_s": None,
+    "max_failures": None,
+    "max_cells": None,
+}
 
 
 class SpecError(ConfigError):
@@ -285,8 +295,11 @@ class SweepSpec(_Model):
         """Stable 16-hex-digit hash of the canonical spec (sorted JSON, machine-specific paths left out)."""
         dumped = self.model_dump()
         for section, keys in _NOT_IN_HASH.items():
-            for key in keys:
-                dumped[section].pop(key, None)
+            if keys is None:
+                dumped.pop(section, None)
+            else:
+                for key in keys:
+                    dumped[section].pop(key, None)
         text = json.dumps(dumped, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

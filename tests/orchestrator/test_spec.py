@@ -512,6 +512,13 @@ def test_spec_hash_ignores_where_data_lives_but_not_what_is_run() -> None:
     assert spec.spec_hash() != changed.spec_hash()
 
 
+def test_spec_hash_ignores_run_settings() -> None:
+    spec = parse_spec(GRID)
+    rerun = parse_spec({**GRID, "resources": {"cpu": 2, "gpu": 0}, "max_concurrent": 1, "trial_timeout_s": 99,
+                        "max_failures": 3, "max_cells": 10, "description": "again"})
+    assert rerun.spec_hash() == spec.spec_hash()
+
+
 # ---------------------------------------------------------------------------------------------- sweeps/*.yaml
 
 

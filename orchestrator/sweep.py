@@ -1,0 +1,281 @@
+"""`python -m orchestrator.sweep SPEC`: run a sweep spec on Ray Tune, resumably, into its results folder.
+
+Order matters: the spec is validated, the results folder checked (same spec, writable, free space)
+and the pending cells computed from the ledger, all before Ray starts; when nothing is pending Ray
+never starts at all, so rerunning a finished sweep takes seconds.
+
+Exit codes: 0 the sweep ran (failed trials are rows in the ledger, not errors of the command);
+2 a mistake the user can fix (bad spec, spec changed under existing results, unwritable folder,
+too many cells without --yes), with one sentence on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from grnn_engine.errors import GrnnError
+from grnn_engine.trial_spec import TrialSpec
+from orchestrator.progress import SweepSummary
+from orchestrator.results import Ledger
+from orchestrator.spec import SweepSpec, load_spec
+
+DEFAULT_RESULTS = "results"
+MIN_FREE_BYTES = 100 * 2**20
+BYTES_PER_TRIAL = 2**20  # a part plus an image grid, generously
+DONE = {"COMPLETE"}
+FAILED = {"FAILED", "TIMEOUT"}
+SUBMIT_RESULTS = "$HOME/grnn-results"  # results root of a submitted job on the cluster's head node
+
+
+class UsageError(Exception):
+    """A mistake on the command line or in the results folder: print the sentence, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m orchestrator.sweep",
+        description="Run a sweep spec (YAML) as Ray Tune trials; results go to <results>/<name>/.",
+    )
+    p.add_argument("spec", help="the sweep YAML, e.g. sweeps/quickstart.yaml")
+    p.add_argument("--results", default=None,
+                   help=f"results root (default: $GRNN_RESULTS or ./{DEFAULT_RESULTS})")
+    p.add_argument("--dry-run", action="store_true", help="print the number of cells and the first few, then exit")
+    p.add_argument("--fresh", action="store_true",
+                   help="move an existing results folder of this name aside (to <name>.old-<time>) and start over")
+    p.add_argument("--retry-failed", action="store_true", help="run FAILED and TIMEOUT cells again")
+    p.add_argument("--compact", action="store_true", help="only rewrite trials.parquet from the parts")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: embedded Ray")
+    p.add_argument("--submit", action="store_true",
+                   help="submit this sweep as a Ray job to the cluster (RAY_ADDRESS or --address) and return")
+    p.add_argument("--yes", action="store_true", help="run even when the sweep has more cells than max_cells")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="run at most N trials at once (overrides the spec)")
+    return p
+
+
+def results_root(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("GRNN_RESULTS") or DEFAULT_RESULTS)
+
+
+def describe(cell: TrialSpec) -> str:
+    """One short line per cell for --dry-run."""
+    params = ",".join(f"{k}={v}" for k, v in sorted(cell.attack_params.items()))
+    defense = cell.defense + (f"({','.join(f'{k}={v}' for k, v in sorted(cell.defense_params.items()))})"
+                              if cell.defense_params else "")
+    return (f"{cell.key()}  {cell.attack}({params}) victim={cell.victim} {cell.dataset} "
+            f"bs={cell.batch_size} round={cell.fl_round} defense={defense} seed={cell.seed}")
+
+
+def pending_cells(cells: list[TrialSpec], statuses: dict[str, str], retry_failed: bool) -> list[TrialSpec]:
+    """Cells to run: no result yet, or a FAILED/TIMEOUT one with --retry-failed."""
+    skip = DONE if retry_failed else DONE | FAILED
+    return [c for c in cells if statuses.get(c.key()) not in skip]
+
+
+def move_aside(folder: Path) -> Path:
+    target = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    folder.rename(target)
+    return target
+
+
+def check_folder(folder: Path, pending: int) -> None:
+    """The results folder can be created and written, and has room for the results."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe.{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"results folder {folder} is not writable ({err.strerror or err}); choose another with --results"
+        ) from None
+    need = MIN_FREE_BYTES + pending * BYTES_PER_TRIAL
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UsageError(
+            f"results folder {folder} has {free / 2**20:.0f} MiB free but this sweep needs about "
+            f"{need / 2**20:.0f} MiB; free some space or choose another folder with --results"
+        )
+
+
+def check_local_resources(cpu: float, gpu: float) -> None:
+    """On the embedded Ray, a trial must fit this machine, or Tune would wait for it forever."""
+    cores = os.cpu_count() or 1
+    if cpu > cores:
+        raise UsageError(
+            f"each trial asks for resources.cpu={cpu:g} but this machine has {cores} CPUs; "
+            f"lower resources.cpu or run on a cluster with --address"
+        )
+    if gpu > 0:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise UsageError(
+                f"each trial asks for resources.gpu={gpu:g} but this machine has no GPU; "
+                f"set resources.gpu: 0 or run on a cluster with --address"
+            )
+
+
+def submitted_results_root(results: str | None) -> str:
+    """Where a submitted job writes: an absolute --results as given, else SUBMIT_RESULTS on the head node."""
+    # A relative root would land inside the job's temporary copy of the working dir, deleted later.
+    return results if results and os.path.isabs(results) else SUBMIT_RESULTS
+
+
+def submit_command(argv: Sequence[str]) -> str:
+    """The entrypoint a submitted job runs on the cluster: this command, minus --submit, on the cluster."""
+    args = build_parser().parse_args(list(argv))
+    spec = Path(args.spec)
+    if spec.is_absolute():
+        # The job runs in an uploaded copy of the current folder: the spec must travel with it.
+        try:
+            spec = spec.resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            raise UsageError(
+                f"spec {args.spec} is outside the current folder {Path.cwd()}, which is what --submit "
+                f"uploads; run from the project folder with a spec inside it (e.g. sweeps/x.yaml)"
+            ) from None
+    parts = ["python", "-m", "orchestrator.sweep", shlex.quote(spec.as_posix()), "--address", "auto"]
+    root = submitted_results_root(args.results)
+    parts += ["--results", shlex.quote(root) if root != SUBMIT_RESULTS else f'"{SUBMIT_RESULTS}"']
+    for flag in ("fresh", "retry_failed", "yes"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    if args.max_concurrent:
+        parts += ["--max-concurrent", str(args.max_concurrent)]
+    return " ".join(parts)
+
+
+def submit(argv: Sequence[str], spec: SweepSpec, address: str | None, results: str | None) -> int:
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    entrypoint = submit_command(argv)
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # INFO lines per uploaded/ignored file
+        logging.getLogger(name).setLevel(logging.WARNING)
+    job_id = f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        client = JobSubmissionClient(address if address and address != "auto" else None)
+        job_id = client.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env={"working_dir": "."},
+            metadata={"sweep": spec.name, "spec_hash": spec.spec_hash()},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UsageError(f"could not submit the sweep to the Ray cluster ({err}); is RAY_ADDRESS or --address set?") from None
+    print(f"submitted sweep '{spec.name}' as Ray job {job_id}")
+    print(f"  follow it:   ray job logs -f {job_id}")
+    print(f"  progress:    python -m orchestrator.status {submitted_results_root(results)}/{spec.name}"
+          f"   (on the head node)")
+    print(f"  stop it:     ray job stop {job_id}")
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
+    """The command, returning the summary (None for --dry-run, --compact and --submit). Raises on errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
+    spec = load_spec(args.spec)
+    cells = spec.cells()
+    ledger = Ledger(results_root(args.results) / spec.name, sweep=spec.name)
+    same_spec = ledger.spec_hash() in (None, spec.spec_hash())
+
+    if args.dry_run:
+        print(f"sweep '{spec.name}': {len(cells)} cells")
+        for cell in cells[:5]:
+            print("  " + describe(cell))
+        if len(cells) > 5:
+            print(f"  ... and {len(cells) - 5} more")
+        if ledger.exists() and same_spec and not args.fresh:
+            todo = pending_cells(cells, ledger.statuses(), args.retry_failed)
+            print(f"{len(cells) - len(todo)} already have results in {ledger.folder}; {len(todo)} to run")
+        return None
+
+    if args.compact:
+        if not ledger.exists():
+            raise UsageError(f"{ledger.folder} is not a results folder (no spec.yaml, parts/ or trials.parquet)")
+        path = ledger.compact()
+        print(f"compacted {len(ledger.part_paths())} parts into {path}")
+        return None
+
+    if len(cells) > spec.max_cells and not args.yes:
+        raise UsageError(
+            f"sweep '{spec.name}' has {len(cells)} cells, more than its max_cells={spec.max_cells}; "
+            f"pass --yes to run it anyway, or raise max_cells in the spec"
+        )
+    if args.submit:
+        submit(argv, spec, args.address, args.results)
+        return None
+
+    if not same_spec and not args.fresh:
+        raise UsageError(
+            f"{ledger.spec_path} was written by a different spec (hash {ledger.spec_hash()}, this one "
+            f"{spec.spec_hash()}); pass --fresh to move the old results aside, or give the sweep a new name"
+        )
+    if args.fresh and ledger.folder.exists():
+        moved = move_aside(ledger.folder)
+        print(f"--fresh: moved the previous results to {moved}")
+
+    statuses = ledger.statuses() if ledger.exists() else {}
+    todo = pending_cells(cells, statuses, args.retry_failed)
+    check_folder(ledger.folder, len(todo))
+    ledger.write_spec(spec.to_yaml(), spec.spec_hash())
+
+    if not todo:
+        ledger.compact()
+        summary = SweepSummary(
+            name=spec.name, cells=len(cells), ran=0, complete=0, failed=0, timeout=0, wall_s=0.0,
+            trial_wall_s=0.0, slots=0, results_path=str(ledger.trials_path),
+        )
+        print(f"sweep '{spec.name}': nothing to run, all {len(cells)} cells have results in {ledger.folder}")
+        return summary
+
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        check_local_resources(spec.resources.cpu, spec.resources.gpu)
+
+    # Imported here: Ray (and Tune) take seconds to import, and nothing above needs them.
+    from orchestrator import runner
+
+    options = runner.RunOptions(
+        name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,
+        max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
+        max_failures=spec.max_failures,
+    )
+    print(f"sweep '{spec.name}': {len(todo)} of {len(cells)} cells to run "
+          f"({len(cells) - len(todo)} already have results)", flush=True)
+    started = runner.start_ray(args.address)
+    try:
+        summary = runner.run_cells(todo, ledger, options, strict_resources=embedded)
+    finally:
+        ledger.compact()
+        runner.stop_ray(started)
+    summary.cells = len(cells)
+    print(summary.format())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(argv)
+    except (GrnnError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
