@@ -23,6 +23,14 @@ METRIC_COLUMNS = (
     "psnr", "ssim", "mse", "label_acc", "label_set_acc", "success", "psnr_per_image", "ssim_per_image",
     "mse_per_image", "labels_true", "labels_recovered", "matching", "indices",
 )
+# Face re-identification (grnn_engine.reid), only in rows of trials run with `reid` set; null when the trial
+# did not complete. top1/top5: fraction of the batch whose true identity is ranked first / in the top 5;
+# rank: mean rank of the true identity (1 = first); for the reconstruction, the clean photo (ceiling) and
+# uniform noise (floor). reid_identity: per image (truth order) the identity ranked first for the reconstruction.
+REID_COLUMNS = (
+    "reid_top1", "reid_top5", "reid_rank", "reid_clean_top1", "reid_clean_top5", "reid_clean_rank",
+    "reid_random_top1", "reid_random_top5", "reid_random_rank", "reid_identity", "reid_rank_per_image",
+)
 
 
 @functools.cache
@@ -61,6 +69,9 @@ class TrialResult:
     error: str | None = None
     model_acc: float | None = None
     model_loss: float | None = None
+    # Test accuracy of the stage trained with the trial's defense applied by every client (a sweep's
+    # `utility: true`): what the defense costs the federation. None when not measured.
+    utility_acc: float | None = None
     wall_s: float = 0.0
     attack_s: float = 0.0
     iterations: int = 0
@@ -97,10 +108,15 @@ class TrialResult:
             "status": self.status, "error_type": self.error_type, "error": self.error,
         }
         row.update({name: self.metrics.get(name) for name in METRIC_COLUMNS})
+        if s.reid is not None:
+            row["reid"] = s.reid
+            row.update(_flatten("reid", s.reid_params))
+            row.update({name: self.metrics.get(name) for name in REID_COLUMNS})
         row.update(
             {
                 "model_acc": self.model_acc,
                 "model_loss": self.model_loss,
+                "utility_acc": self.utility_acc,
                 "wall_s": self.wall_s,
                 "s_per_iter": self.s_per_iter,
                 "iterations": self.iterations,

@@ -127,6 +127,15 @@ def run_trial(
     images, labels, indices = select_batch(
         images_set, spec.batch_size, spec.seed, indices=spec.indices, distinct_labels=spec.distinct_labels
     )
+    identifier = None
+    if spec.reid is not None:
+        from grnn_engine.reid import fit_identifier  # only face trials need it
+
+        # Before the attack: an identifier no better than chance fails the trial at once, not after it.
+        identifier = fit_identifier(
+            spec.reid, spec.reid_params, dataset=spec.dataset, image_size=spec.image_size, split=spec.split,
+            indices=indices, attacked=images, seed=spec.seed, root=spec.data_root,
+        )  # fmt: skip
     images, labels = images.to(device), labels.to(device)
     model, model_acc, model_loss = global_model(spec, images_set, device, stage_state)
 
@@ -159,6 +168,11 @@ def run_trial(
         s = score(recon.images, recon.labels, images, labels, success_psnr=spec.success_psnr)
         result.metrics = {**s.__dict__, "indices": list(indices)}
         result.image_png = image_grid_png(images, recon.images[s.matching])
+        if identifier is not None:
+            from grnn_engine.reid import reid_metrics
+
+            matched = recon.images[s.matching]
+            result.metrics.update(reid_metrics(identifier, matched, images, labels, seed=spec.seed))
         if not result.is_finite():
             result.status, result.error_type = FAILED, "NonFinite"
             result.error = f"{spec.attack} scored non-finite metrics"

@@ -38,10 +38,17 @@ class TrialSpec:
     success_psnr: float = 20.0
     eval_every: int = 50
     device: str = "auto"
+    # Face re-identification (grnn_engine.reid): an identifier name scores the reconstruction; None skips it.
+    reid: str | None = None
+    reid_params: dict[str, Any] = field(default_factory=dict)
 
     def canonical(self) -> dict[str, Any]:
         """The fields that define what is computed, as a JSON-ready dict."""
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        out = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        if self.reid is None:
+            # Left out when unset, so the keys of trials specified before reid existed do not change.
+            del out["reid"], out["reid_params"]
+        return out
 
     def key(self) -> str:
         """Stable 16-hex-digit hash of the canonical JSON (sorted keys): same cell, same key, anywhere."""

@@ -20,11 +20,26 @@ one list-valued param write a list of lists (`steps: [[a, b]]`). Cells with equa
 kept once. `load_spec` also builds every distinct victim, defense and attack once, so that a bad param
 value is caught before Ray starts; `parse_spec` checks names and param names only. Everything a user can get wrong is reported as a `SpecError`: one sentence naming the file,
 the dotted field path, the bad value and what is allowed; pydantic's ValidationError never escapes.
+
+Federated training (`fl`, typed as FLSpec): the FedAvg settings of the stages that trials at fl_round > 0
+attack. A sweep whose rounds are all 0 (and without utility) trains nothing, and its cells carry `fl: {}`.
+`utility: true` also applies each cell's defense to every client update during that training (TrialSpec
+.fl["defense"]), so each defense setting gets its own chain, and each row carries `utility_acc`, the test
+accuracy of the defended model at `utility_round` (default: the grid's largest fl_round).
+
+Search (`search: {method: optuna, ...}`, see OptunaSearch): `params` maps dotted names (SEARCH_TARGETS, e.g.
+`defense.params.sigma`) to ranges; the other axes stay a grid, with one study per grid cell (`studies()`).
+A searched parameter applies to the cells whose plugin takes it, so one search can hold gaussian's sigma
+and prune's ratio; a cell that none applies to runs once, as in a grid. The objective is either
+`objectives` (metrics with directions; two or more = a Pareto front, NSGA-II by default) or
+`breaking_point` (minimize |metric - threshold|, so samples gather where the attack starts to fail).
+`scheduler: asha` stops trials whose intermediate psnr (or grad_loss) is hopeless (see Asha).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -53,20 +68,30 @@ from grnn_engine.registry import Registry, did_you_mean
 from grnn_engine.trial_spec import TrialSpec
 
 __all__ = [
+    "SEARCH_TARGETS",
+    "Asha",
     "AttackEntry",
+    "BreakingPoint",
     "DataSpec",
+    "FLSpec",
     "FedAvg",
     "FedSgd",
     "GridSearch",
     "GridSpec",
+    "Objective",
+    "OptunaSearch",
     "PluginEntry",
     "Resources",
+    "SearchParam",
     "SearchSpec",
     "SpecError",
+    "Study",
     "SweepSpec",
     "UpdateSpec",
+    "apply_sample",
     "load_spec",
     "parse_spec",
+    "search_applies",
 ]
 
 RESULTS_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -200,14 +225,168 @@ class FedAvg(_Model):
 UpdateSpec = Annotated[FedSgd | FedAvg, Field(discriminator="kind")]
 
 
+class FLSpec(_Model):
+    """FedAvg settings of the training stages a sweep attacks (grnn_engine.fl.FLSettings, minus the defense,
+    which `utility: true` sets per cell). Used for every fl_round > 0, and for round 0's model accuracy.
+
+    The defaults are chosen to learn within the rounds the sweeps use. Measured with GRNN's LeNet (seed 0,
+    10 IID clients, all sampled each round), test accuracy at rounds 1/2/5/10 on CIFAR-10 (20k train images):
+    two local epochs at local_lr 0.3 (these defaults) 0.15/0.23/0.33/0.40; the engine's own defaults (one
+    epoch at 0.1) 0.13/0.13/0.20/0.29; one epoch at 0.5 0.11/0.13/0.23/0.33. On digits these defaults give
+    0.10 (untrained), 0.57 at round 5 and 0.94 at round 20.
+    """
+
+    clients: int = Field(default=10, ge=1)  # K: clients the train split is dealt to
+    # C: clients trained per round; an integer is a count (<= clients), a number in (0, 1] a fraction of K
+    clients_per_round: int | float = 1.0
+    local_epochs: int = Field(default=2, ge=1)  # E: passes over its shard a sampled client makes per round
+    local_batch_size: int = Field(default=32, ge=1)
+    local_lr: float = Field(default=0.3, gt=0, allow_inf_nan=False)  # plain SGD, no momentum
+    iid: bool = True  # False: each class is dealt by a Dirichlet(dirichlet_alpha) draw (smaller = more skewed)
+    dirichlet_alpha: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _at_most_clients(cls, value: int | float, info: Any) -> int | float:
+        clients = info.data.get("clients")
+        count = f"an integer in 1..{clients} (fl.clients)" if isinstance(clients, int) else "an integer >= 1"
+        if isinstance(value, int):
+            ok = value >= 1 and (not isinstance(clients, int) or value <= clients)
+        else:
+            ok = math.isfinite(value) and 0 < value <= 1
+        if not ok:
+            raise PydanticCustomError(
+                "clients_per_round", "out of range", {"allowed": f"{count} or a fraction in (0, 1]"}
+            )
+        return value
+
+
 class GridSearch(_Model):
     """Every cell of the grid, once."""
 
     method: Literal["grid"] = "grid"
 
 
-# A discriminated union of one for now, so that `method: optuna` can join without changing the field.
-SearchSpec = Annotated[Union[GridSearch], Field(discriminator="method")]  # noqa: UP007
+# Where a searched parameter goes in a cell: `<family>.params.<name>`, `fl.<name>`, or a grid axis.
+SEARCH_TARGETS = (
+    "defense.params.<name>", "attack.params.<name>", "victim.params.<name>", "fl.<name>", "fl_round", "batch_size",
+)
+SEARCH_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc")
+
+
+class SearchParam(_Model):
+    """One searched parameter: `uniform`/`loguniform` floats in [low, high], `int` in [low, high] (log-spaced with
+    `log: true`), or one of `values` (`categorical`)."""
+
+    type: Literal["uniform", "loguniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # int only: sample log-uniformly
+    values: list[Any] | None = None  # categorical only
+
+    @model_validator(mode="after")
+    def _range(self) -> SearchParam:
+        def bad(problem: str, allowed: str) -> PydanticCustomError:
+            return PydanticCustomError("search_range", problem, {"allowed": allowed})
+
+        if self.type == "categorical":
+            if self.low is not None or self.high is not None:
+                raise bad("a categorical parameter takes values, not low/high", "type: categorical, values: [...]")
+            if not self.values:
+                raise bad("empty categorical choice", "a non-empty list of values")
+            if any(not isinstance(v, bool | int | float | str) and v is not None for v in self.values):
+                raise bad("categorical values must be plain scalars", "numbers, strings, booleans or null")
+            return self
+        if self.values is not None:
+            raise bad(f"a {self.type} parameter takes low and high, not values", "low and high numbers")
+        if self.low is None or self.high is None:
+            raise bad(f"a {self.type} parameter needs both low and high", "low < high, both numbers")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise bad("low and high must be finite", "finite numbers with low < high")
+        if self.low >= self.high:
+            raise bad(f"empty range: low={self.low:g} is not below high={self.high:g}", "low < high")
+        if self.log and self.type != "int":
+            raise bad("log applies to int parameters only (use type: loguniform)", "log: true with type: int")
+        if (self.type == "loguniform" or self.log) and self.low <= 0:
+            raise bad(f"a log range needs low > 0 (got low={self.low:g})", "0 < low < high")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise bad("an int range needs whole-number bounds", "integers low < high")
+        return self
+
+    def ends(self) -> list[Any]:
+        """The values that bound the range (every value for categorical), to check against a plugin's rules."""
+        if self.type == "categorical":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low or 0), int(self.high or 0)]
+        return [float(self.low or 0.0), float(self.high or 0.0)]
+
+
+class Objective(_Model):
+    """One objective of the search: a row's metric and whether to minimize or maximize it."""
+
+    metric: Literal["psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc"]
+    direction: Literal["minimize", "maximize"]
+
+
+class BreakingPoint(_Model):
+    """Search for where the attack breaks: minimize |metric - threshold|, so samples gather at the strength
+    where the metric crosses the threshold (psnr: the spec's success_psnr unless given)."""
+
+    metric: Literal["psnr", "ssim"] = "psnr"
+    threshold: float | None = Field(None, allow_inf_nan=False)
+
+
+class OptunaSearch(_Model):
+    """Optuna (through Ray Tune's OptunaSearch) over `params`, one study per grid cell of the other axes."""
+
+    method: Literal["optuna"]
+    params: dict[str, SearchParam] = Field(min_length=1)  # dotted names, see SEARCH_TARGETS
+    objectives: list[Objective] | None = Field(None, min_length=1)
+    breaking_point: BreakingPoint | None = None
+    num_samples: int = Field(10, ge=1)  # trials per study
+    sampler: Literal["tpe", "nsga2", "random"] | None = None  # None: tpe for one objective, nsga2 for several
+    max_concurrent: int = Field(2, ge=1)  # trials of one study at once (fewer = each sample better informed)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_objective_kind(self) -> OptunaSearch:
+        if (self.objectives is None) == (self.breaking_point is None):
+            raise PydanticCustomError(
+                "search_objective",
+                "give exactly one of objectives and breaking_point",
+                {"allowed": "objectives: [{metric, direction}, ...] or breaking_point: {metric, threshold}"},
+            )
+        return self
+
+    def directions(self) -> list[str]:
+        """'min'/'max' per objective, in order (a breaking point is one objective to minimize)."""
+        if self.objectives is None:
+            return ["min"]
+        return ["min" if o.direction == "minimize" else "max" for o in self.objectives]
+
+    def sampler_name(self) -> str:
+        return self.sampler or ("nsga2" if self.objectives and len(self.objectives) > 1 else "tpe")
+
+
+SearchSpec = Annotated[GridSearch | OptunaSearch, Field(discriminator="method")]
+
+
+class Asha(_Model):
+    """Ray Tune's ASHA on the attack's intermediate reports: a trial whose `metric` at a rung (grace_period,
+    grace_period * reduction_factor, ... attack iterations) is in the worst 1 - 1/reduction_factor of its group
+    is stopped. Groups: one per study in a search; trials of the same attack setting, victim, data, batch size
+    and round in a grid."""
+
+    name: Literal["asha"] = "asha"
+    metric: Literal["psnr", "grad_loss"] = "psnr"  # psnr is maximized, grad_loss minimized
+    grace_period: Annotated[int, Field(ge=1)] | None = None  # attack iterations; None: 2 x the trial's eval_every
+    reduction_factor: float = Field(3.0, gt=1, allow_inf_nan=False)
+    brackets: int = Field(1, ge=1)
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric == "psnr" else "min"
 
 
 def _ray_quantity(value: float) -> float:
@@ -235,7 +414,11 @@ class SweepSpec(_Model):
     description: str | None = None
     data: DataSpec
     grid: GridSpec
-    fl: dict[str, Any] = Field(default_factory=dict)  # FedAvg settings of the training stage (TrialSpec.fl)
+    fl: FLSpec = Field(default_factory=FLSpec)  # FedAvg settings of the training stages (TrialSpec.fl)
+    # true: every client also applies the cell's defense during the stage's FedAvg training, and each row
+    # carries utility_acc, the test accuracy of that defended training at utility_round (what it costs)
+    utility: bool = False
+    utility_round: Annotated[int, Field(ge=1)] | None = None  # None: the grid's largest fl_round
     update: UpdateSpec = Field(default_factory=FedSgd)
     eval_every: int = Field(50, ge=1)
     success_psnr: float = Field(20.0, allow_inf_nan=False)
@@ -245,6 +428,15 @@ class SweepSpec(_Model):
     max_failures: int = Field(1, ge=0)  # Ray-level retries of a trial lost to a node failure
     max_cells: int = Field(5000, ge=1)  # the sweep command line asks for --yes beyond this
     search: SearchSpec = Field(default_factory=GridSearch)
+    scheduler: Asha | None = None  # `asha` (or {name: asha, ...}): stop hopeless trials early
+    # Face re-identification of every reconstruction (grnn_engine.reid): an identifier name or
+    # {name, params}; its params are settings, not sweep axes. None: rows carry no reid columns.
+    reid: PluginEntry | None = None
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod
@@ -283,23 +475,85 @@ class SweepSpec(_Model):
                 victim=victim[0], victim_params=copy.deepcopy(victim[1]),
                 dataset=d.dataset, data_root=d.root, download=d.download, split=d.split,
                 image_size=d.image_size, batch_size=batch_size, distinct_labels=d.distinct_labels,
-                fl_round=fl_round, fl=copy.deepcopy(self.fl),
+                fl_round=fl_round, fl=self._fl_of(defense[0], defense[1]),
                 update=self.update.kind, update_params=dict(update_params),
                 defense=defense[0], defense_params=copy.deepcopy(defense[1]),
                 seed=seed, success_psnr=self.success_psnr,
+                reid=self.reid.name if self.reid else None,
+                reid_params=copy.deepcopy(self.reid.params) if self.reid else {},
             )  # fmt: skip
             cells.setdefault(cell.key(), cell)
         return list(cells.values())
 
+    @property
+    def fl_used(self) -> bool:
+        """Whether any trial trains: a round above 0, utility, or a searched FL setting or round."""
+        searched = self.search.params if isinstance(self.search, OptunaSearch) else {}
+        return (
+            self.utility
+            or any(r > 0 for r in self.grid.fl_round)
+            or any(n == "fl_round" or n.startswith("fl.") for n in searched)
+        )
+
+    @property
+    def utility_at(self) -> int | None:
+        """The FL round whose test accuracy is each row's utility_acc (None without utility)."""
+        if not self.utility:
+            return None
+        return self.utility_round or max(self.grid.fl_round)
+
+    def _fl_of(self, defense: str, defense_params: dict[str, Any]) -> dict[str, Any]:
+        # A sweep that trains nothing leaves fl empty: its cells then compute the same thing under any FL
+        # settings, and keep the keys they had before fl was typed.
+        if not self.fl_used:
+            return {}
+        fl = self.fl.model_dump()
+        if self.utility:
+            fl["defense"], fl["defense_params"] = defense, copy.deepcopy(defense_params)
+        return fl
+
+    def studies(self) -> list[Study]:
+        """The Optuna studies of a search: one per grid cell (searched parameters left at their defaults)."""
+        if not isinstance(self.search, OptunaSearch):
+            raise ValueError("studies() needs search.method optuna")
+        out = []
+        for cell in self.cells():
+            space = {n: p for n, p in self.search.params.items() if search_applies(n, cell)}
+            label = (
+                f"{cell.attack}-{cell.victim}-{cell.dataset}-b{cell.batch_size}-r{cell.fl_round}-"
+                f"{cell.defense}-s{cell.seed}"
+            )
+            out.append(
+                Study(
+                    id=f"{label}-{cell.key()[:8]}", cell=cell, space=space,
+                    num_samples=self.search.num_samples if space else 1,
+                )  # fmt: skip
+            )
+        return out
+
+    def trial_count(self) -> int:
+        """Trials the sweep runs in all: its cells, or in a search the samples of every study."""
+        if isinstance(self.search, OptunaSearch):
+            return sum(s.num_samples for s in self.studies())
+        return len(self.cells())
+
     def spec_hash(self) -> str:
         """Stable 16-hex-digit hash of the canonical spec (sorted JSON, machine-specific paths left out)."""
         dumped = self.model_dump()
+        # Sections left at their defaults drop out, so specs written before they existed keep their hash.
+        if not self.fl_used:
+            dumped["fl"] = {}  # unused, as the untyped section's default was
+        for section, default in (("utility", False), ("utility_round", None), ("scheduler", None)):
+            if dumped.get(section) == default:
+                dumped.pop(section, None)
         for section, keys in _NOT_IN_HASH.items():
             if keys is None:
                 dumped.pop(section, None)
             else:
                 for key in keys:
                     dumped[section].pop(key, None)
+        if dumped.get("reid") is None:
+            dumped.pop("reid", None)  # so specs written before reid existed keep their hash
         text = json.dumps(dumped, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -350,6 +604,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         )
     spec = parse_spec(data, source)
     _build_plugins(spec, source)
+    _build_search(spec, source)
     return spec
 
 
@@ -371,6 +626,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
             message += f"; {more} more problem{'s' if more > 1 else ''} in this spec"
         raise SpecError(f"{source}: {message}", source=source, path=path) from None
     _check_plugins(spec, source)
+    _check_search(spec, source)
     return spec
 
 
@@ -430,12 +686,14 @@ def _yaml_message(source: str, text: str, exc: yaml.MarkedYAMLError) -> str:
 
 def _registries() -> dict[str, Registry[Any]]:
     import grnn_engine  # importing the package registers every plugin
+    from grnn_engine.reid import IDENTIFIERS
 
     return {
         "dataset": grnn_engine.DATASETS,
         "victim": grnn_engine.VICTIMS,
         "defense": grnn_engine.DEFENSES,
         "attack": grnn_engine.ATTACKS,
+        "identifier": IDENTIFIERS,
     }
 
 
@@ -511,6 +769,40 @@ def _check_plugins(spec: SweepSpec, source: str) -> None:
                         bad,
                         "numbers, strings, booleans, null, and lists or mappings of them",
                     )
+    if spec.reid is not None:
+        _check_identifier(spec.reid, registries["identifier"], source)
+
+
+def _check_identifier(entry: PluginEntry, identifiers: Registry[Any], source: str) -> None:
+    """The reid identifier's name and param names; its params are settings, never axes."""
+    if entry.name not in identifiers:
+        raise _fail(
+            source,
+            "reid.name",
+            f"unknown identifier{did_you_mean(entry.name, identifiers.names())}",
+            entry.name,
+            ", ".join(identifiers.names()),
+        )
+    allowed = list(identifiers.parameters(entry.name))
+    for param, value in entry.params.items():
+        path = f"reid.params.{param}"
+        if param not in allowed:
+            raise _fail(
+                source,
+                path,
+                f"unknown parameter of identifier '{entry.name}'{did_you_mean(param, allowed)}",
+                param,
+                ", ".join(sorted(allowed)) or "none",
+            )
+        bad = _first_non_plain(value)
+        if bad is not None:
+            raise _fail(
+                source,
+                path,
+                f"holds a {type(bad).__name__}, which a trial cannot carry",
+                bad,
+                "numbers, strings, booleans, null, and lists or mappings of them",
+            )
 
 
 def _build_plugins(spec: SweepSpec, source: str) -> None:
@@ -543,6 +835,14 @@ def _build_plugins(spec: SweepSpec, source: str) -> None:
                     raise _built_message(
                         source, f"grid.{family}[{i}]", entry.name, params, image_size, exc
                     ) from None
+    if spec.reid is not None:
+        from grnn_engine.reid import IDENTIFIERS
+
+        # Built here too: a bad value, or the dlib identifier without the faces extra, fails before Ray.
+        try:
+            IDENTIFIERS.create(spec.reid.name, **spec.reid.params)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise _built_message(source, "reid", spec.reid.name, spec.reid.params, image_size, exc) from None
 
 
 def _built_message(
@@ -581,6 +881,190 @@ def _first_non_plain(value: Any) -> Any:
                 return bad
         return None
     return value
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """One Optuna study of a search: the grid cell it starts from (searched parameters at their defaults) and
+    the searched parameters that apply to that cell. A cell that no searched parameter applies to (defense
+    `none` while searching `defense.params.sigma`) has an empty space: its one trial is the cell itself."""
+
+    id: str
+    cell: TrialSpec
+    space: dict[str, SearchParam]
+    num_samples: int
+
+    def trial(self, sampled: dict[str, Any]) -> TrialSpec:
+        """The cell with the sampled values set."""
+        return apply_sample(self.cell, sampled)
+
+
+def _split_target(name: str) -> tuple[str, str]:
+    """('defense', 'sigma') for 'defense.params.sigma', ('fl', 'clients') for 'fl.clients', (name, '') for an
+    axis; ('', '') when the name fits none of SEARCH_TARGETS."""
+    if name in ("fl_round", "batch_size"):
+        return name, ""
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0] == "fl" and parts[1]:
+        return "fl", parts[1]
+    if len(parts) == 3 and parts[0] in ("defense", "attack", "victim") and parts[1] == "params" and parts[2]:
+        return parts[0], parts[2]
+    return "", ""
+
+
+def search_applies(name: str, cell: TrialSpec) -> bool:
+    """Whether searched parameter `name` is one of `cell`'s (a defense parameter applies to defenses taking it)."""
+    family, param = _split_target(name)
+    if family in ("defense", "attack", "victim"):
+        registry = _registries()[family]
+        plugin = getattr(cell, family)
+        return param in registry.parameters(plugin) or _takes_any(registry, plugin)
+    return bool(family)
+
+
+def apply_sample(cell: TrialSpec, sampled: dict[str, Any]) -> TrialSpec:
+    """`cell` with each sampled value at its dotted place; a defense trained under utility follows along."""
+    fields: dict[str, Any] = {
+        "attack_params": dict(cell.attack_params), "defense_params": dict(cell.defense_params),
+        "victim_params": dict(cell.victim_params), "fl": copy.deepcopy(cell.fl),
+    }  # fmt: skip
+    for name, value in sampled.items():
+        family, param = _split_target(name)
+        if family in ("fl_round", "batch_size"):
+            fields[family] = value
+        elif family == "fl":
+            fields["fl"][param] = value
+        elif family:
+            fields[f"{family}_params"][param] = value
+        else:
+            raise ValueError(f"not a searchable parameter: {name!r}")
+    if "defense" in fields["fl"]:  # utility: the stage trains under the trial's own defense
+        fields["fl"]["defense_params"] = dict(fields["defense_params"])
+    return dataclasses.replace(cell, **fields)
+
+
+def _check_search(spec: SweepSpec, source: str) -> None:
+    """Names, conflicts with the grid, and objectives of `search`; utility settings. Values: _build_search."""
+    if spec.utility and spec.utility_at == 0:
+        raise _fail(
+            source, "utility", "utility needs a trained model, but every fl_round is 0", spec.utility,
+            "utility_round >= 1, or an fl_round > 0 in the grid",
+        )  # fmt: skip
+    if spec.utility_round is not None and not spec.utility:
+        raise _fail(source, "utility_round", "is set but utility is false", spec.utility_round, "utility: true")
+    search = spec.search
+    if not isinstance(search, OptunaSearch):
+        return
+    registries = _registries()
+    for name, param in search.params.items():
+        path = f"search.params.{name}"
+        family, pname = _split_target(name)
+        if not family:
+            raise _fail(source, path, "unknown parameter", name, ", ".join(SEARCH_TARGETS))
+        if family in ("fl_round", "batch_size"):
+            if param.type not in ("int", "categorical"):
+                raise _fail(source, f"{path}.type", f"{name} takes integers", param.type, "int, categorical")
+            if name in spec.grid.model_fields_set:
+                raise _fail(
+                    source, path, f"is both searched and set in grid.{name}", name,
+                    f"search it or list it in grid.{name}, not both",
+                )  # fmt: skip
+        elif family == "fl":
+            allowed = list(FLSpec.model_fields)
+            if pname not in allowed:
+                raise _fail(
+                    source, path, f"unknown FL setting{did_you_mean(pname, allowed)}", name,
+                    ", ".join(f"fl.{a}" for a in allowed),
+                )  # fmt: skip
+            if pname in spec.fl.model_fields_set:
+                raise _fail(source, path, f"is both searched and set in fl.{pname}", name, "one of the two")
+        else:
+            registry = registries[family]
+            entries = getattr(spec.grid, family)
+            takers = [
+                (i, e) for i, e in enumerate(entries)
+                if pname in registry.parameters(e.name) or _takes_any(registry, e.name)
+            ]  # fmt: skip
+            if family == "victim" and pname in _VICTIM_SET_BY_SWEEP:
+                takers = []
+            if not takers:
+                known = sorted(
+                    {f"{family}.params.{p}" for e in entries for p in registry.parameters(e.name)}
+                    - {f"victim.params.{p}" for p in _VICTIM_SET_BY_SWEEP}
+                )
+                names = ", ".join(e.name for e in entries)
+                raise _fail(
+                    source, path,
+                    f"unknown parameter: no {family} of the grid ({names}) takes {pname!r}"
+                    f"{did_you_mean(name, known)}",
+                    name, ", ".join(known) or "none",
+                )  # fmt: skip
+            for i, entry in takers:
+                if pname in entry.params:
+                    raise _fail(
+                        source, path, f"is both searched and set in grid.{family}[{i}].params.{pname}", name,
+                        "search it or give it in the grid, not both",
+                    )  # fmt: skip
+            if family == "defense":
+                from grnn_engine.defenses import param_specs
+
+                for _, entry in takers:
+                    kind = param_specs(entry.name).get(pname)
+                    if kind is not None and kind.kind is int and param.type not in ("int", "categorical"):
+                        raise _fail(
+                            source, f"{path}.type", f"defense '{entry.name}' {pname} is an integer",
+                            param.type, "int, categorical",
+                        )  # fmt: skip
+    for i, objective in enumerate(search.objectives or []):
+        if objective.metric == "utility_acc" and not spec.utility:
+            raise _fail(
+                source, f"search.objectives[{i}].metric", "utility_acc is only measured with utility: true",
+                objective.metric, "utility: true in the spec, or another metric",
+            )  # fmt: skip
+    bp = search.breaking_point
+    if bp is not None and bp.metric != "psnr" and bp.threshold is None:
+        raise _fail(
+            source, "search.breaking_point.threshold", f"a {bp.metric} breaking point needs a threshold", None,
+            "a number (psnr defaults to success_psnr)",
+        )  # fmt: skip
+
+
+def _build_search(spec: SweepSpec, source: str) -> None:
+    """Build each plugin (or FL settings) a searched parameter applies to at both ends of its range."""
+    import grnn_engine
+    from grnn_engine.fl import FLSettings
+
+    search = spec.search
+    if not isinstance(search, OptunaSearch):
+        return
+    builders = {
+        "victim": lambda n, p: grnn_engine.create_victim(n, num_classes=10, image_size=spec.data.image_size, seed=0, **p),
+        "defense": lambda n, p: grnn_engine.DEFENSES.create(n, **p),
+        "attack": lambda n, p: grnn_engine.ATTACKS.create(n, **p),
+    }
+    for name, param in search.params.items():
+        path = f"search.params.{name}"
+        family, pname = _split_target(name)
+        for value in param.ends():
+            try:
+                if family == "fl":
+                    FLSettings.from_dict({**spec.fl.model_dump(), pname: value})
+                elif family in builders:
+                    for entry in getattr(spec.grid, family):
+                        if search_applies(name, TrialSpec(**{family: entry.name})):
+                            for params in entry.variants():
+                                builders[family](entry.name, {**params, pname: value})
+                elif family in ("fl_round", "batch_size") and (not isinstance(value, int) or value < (family == "batch_size")):
+                    raise ConfigError(f"{name} must be an integer >= {int(family == 'batch_size')}")
+            except (ConfigError, TypeError, ValueError) as exc:
+                message = str(exc).rstrip(".")
+                raise SpecError(
+                    f"{source}: {path}: {message} (got {_show(value)} at an end of the searched range)",
+                    source=source, path=path,
+                ) from None
 
 
 # ---------------------------------------------------------------------------------------------- messages

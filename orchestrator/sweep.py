@@ -7,6 +7,10 @@ never starts at all, so rerunning a finished sweep takes seconds.
 Exit codes: 0 the sweep ran (failed trials are rows in the ledger, not errors of the command);
 2 a mistake the user can fix (bad spec, spec changed under existing results, unwritable folder,
 too many cells without --yes), with one sentence on stderr.
+
+A search (`search: {method: optuna}`) runs its studies' remaining samples (num_samples minus the trials
+already in the ledger); --retry-failed then lets new samples replace failed trials. FL stages are cached
+under `<results root>/.stages` (or $GRNN_CACHE_DIR), so later sweeps on this machine reuse them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from grnn_engine.errors import GrnnError
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.progress import SweepSummary
 from orchestrator.results import Ledger
-from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.spec import OptunaSearch, Study, SweepSpec, load_spec
 
 DEFAULT_RESULTS = "results"
 MIN_FREE_BYTES = 100 * 2**20
@@ -77,6 +81,25 @@ def pending_cells(cells: list[TrialSpec], statuses: dict[str, str], retry_failed
     """Cells to run: no result yet, or a FAILED/TIMEOUT one with --retry-failed."""
     skip = DONE if retry_failed else DONE | FAILED
     return [c for c in cells if statuses.get(c.key()) not in skip]
+
+
+def search_pending(spec: SweepSpec, ledger: Ledger, retry_failed: bool) -> int:
+    """Trials a search has still to run: each study's num_samples minus its trials in the ledger (failed ones
+    not counted with --retry-failed)."""
+    done: dict[str, int] = {}
+    if ledger.exists():
+        df = ledger.load()
+        if "search_id" in df.columns:
+            for study_id, status in zip(df["search_id"], df["status"], strict=True):
+                if isinstance(study_id, str) and (status in DONE or not retry_failed):
+                    done[study_id] = done.get(study_id, 0) + 1
+    return sum(max(0, s.num_samples - done.get(s.id, 0)) for s in spec.studies())
+
+
+def describe_study(study: Study) -> str:
+    """One short line per study for --dry-run."""
+    space = ", ".join(f"{n}~{p.type}" for n, p in study.space.items()) or "no searched parameter"
+    return f"{study.id}  {study.num_samples} trial(s): {space}"
 
 
 def move_aside(folder: Path) -> Path:
@@ -189,11 +212,25 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UsageError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
     spec = load_spec(args.spec)
+    searching = isinstance(spec.search, OptunaSearch)
     cells = spec.cells()
+    todo: list[TrialSpec]
+    trials = spec.trial_count()
     ledger = Ledger(results_root(args.results) / spec.name, sweep=spec.name)
     same_spec = ledger.spec_hash() in (None, spec.spec_hash())
 
     if args.dry_run:
+        if searching:
+            studies = spec.studies()
+            print(f"sweep '{spec.name}': {len(studies)} studies, {trials} trials in all")
+            for study in studies[:5]:
+                print("  " + describe_study(study))
+            if len(studies) > 5:
+                print(f"  ... and {len(studies) - 5} more")
+            if ledger.exists() and same_spec and not args.fresh:
+                left = search_pending(spec, ledger, args.retry_failed)
+                print(f"{trials - left} already have results in {ledger.folder}; {left} to run")
+            return None
         print(f"sweep '{spec.name}': {len(cells)} cells")
         for cell in cells[:5]:
             print("  " + describe(cell))
@@ -211,9 +248,10 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         print(f"compacted {len(ledger.part_paths())} parts into {path}")
         return None
 
-    if len(cells) > spec.max_cells and not args.yes:
+    if trials > spec.max_cells and not args.yes:
+        what = "trials" if searching else "cells"
         raise UsageError(
-            f"sweep '{spec.name}' has {len(cells)} cells, more than its max_cells={spec.max_cells}; "
+            f"sweep '{spec.name}' has {trials} {what}, more than its max_cells={spec.max_cells}; "
             f"pass --yes to run it anyway, or raise max_cells in the spec"
         )
     if args.submit:
@@ -229,18 +267,23 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         moved = move_aside(ledger.folder)
         print(f"--fresh: moved the previous results to {moved}")
 
-    statuses = ledger.statuses() if ledger.exists() else {}
-    todo = pending_cells(cells, statuses, args.retry_failed)
-    check_folder(ledger.folder, len(todo))
+    if searching:
+        todo = []
+        left = search_pending(spec, ledger, args.retry_failed)
+    else:
+        todo = pending_cells(cells, ledger.statuses() if ledger.exists() else {}, args.retry_failed)
+        left = len(todo)
+    check_folder(ledger.folder, left)
     ledger.write_spec(spec.to_yaml(), spec.spec_hash())
 
-    if not todo:
+    if not left:
         ledger.compact()
         summary = SweepSummary(
-            name=spec.name, cells=len(cells), ran=0, complete=0, failed=0, timeout=0, wall_s=0.0,
+            name=spec.name, cells=trials, ran=0, complete=0, failed=0, timeout=0, wall_s=0.0,
             trial_wall_s=0.0, slots=0, results_path=str(ledger.trials_path),
         )
-        print(f"sweep '{spec.name}': nothing to run, all {len(cells)} cells have results in {ledger.folder}")
+        what = "trials" if searching else "cells"
+        print(f"sweep '{spec.name}': nothing to run, all {trials} {what} have results in {ledger.folder}")
         return summary
 
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
@@ -253,17 +296,24 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     options = runner.RunOptions(
         name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,
         max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
-        max_failures=spec.max_failures,
+        max_failures=spec.max_failures, cache_dir=runner.stage_cache_dir(results_root(args.results)),
+        utility_round=spec.utility_at, scheduler=spec.scheduler, retry_failed=args.retry_failed,
     )
-    print(f"sweep '{spec.name}': {len(todo)} of {len(cells)} cells to run "
-          f"({len(cells) - len(todo)} already have results)", flush=True)
+    what = "trials" if searching else "cells"
+    print(f"sweep '{spec.name}': {left} of {trials} {what} to run "
+          f"({trials - left} already have results)", flush=True)
     started = runner.start_ray(args.address)
     try:
-        summary = runner.run_cells(todo, ledger, options, strict_resources=embedded)
+        if isinstance(spec.search, OptunaSearch):
+            summary = runner.run_search(
+                spec.studies(), spec.search, spec.success_psnr, ledger, options, strict_resources=embedded
+            )
+        else:
+            summary = runner.run_cells(todo, ledger, options, strict_resources=embedded)
     finally:
         ledger.compact()
         runner.stop_ray(started)
-    summary.cells = len(cells)
+    summary.cells = trials
     print(summary.format())
     return summary
 

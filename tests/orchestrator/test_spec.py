@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import grnn_engine
 from grnn_engine.errors import ConfigError
 from grnn_engine.trial_spec import TrialSpec
-from orchestrator.spec import SpecError, SweepSpec, load_spec, parse_spec
+from orchestrator.spec import FLSpec, SpecError, SweepSpec, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -207,11 +207,11 @@ def test_fedavg_setting_out_of_range(tmp_path: Path) -> None:
     assert_names(load_error(path), path, "update.local_steps", "got 0")
 
 
-def test_search_method_not_yet_available(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE + "search: {method: optuna}\n")
+def test_unknown_search_method(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "search: {method: bayes}\n")
     message = load_error(path)
-    assert_names(message, path, "search.method", "'optuna'")
-    assert "grid" in message
+    assert_names(message, path, "search.method", "'bayes'")
+    assert "grid" in message and "optuna" in message
 
 
 def test_fractional_gpu_above_one(tmp_path: Path) -> None:
@@ -407,7 +407,8 @@ def test_cells_carry_the_spec_settings() -> None:
         True,
     )
     assert cell.update == "fedavg" and cell.update_params == {"local_steps": 3, "local_lr": 0.01}
-    assert (cell.success_psnr, cell.eval_every, cell.fl) == (25.0, 7, {"clients": 4})
+    assert (cell.success_psnr, cell.eval_every, cell.fl["clients"]) == (25.0, 7, 4)
+    assert set(cell.fl) == set(FLSpec.model_fields)  # every FL setting, spelled out in the cell
 
 
 def test_keys_do_not_depend_on_axis_order_in_the_file() -> None:
@@ -573,8 +574,21 @@ def test_round_trip_keeps_every_setting() -> None:
         "update": {"kind": "fedavg", "local_steps": 2, "local_lr": 0.5},
         "resources": {"cpu": 2, "gpu": 0.25},
         "max_concurrent": 3,
-        "fl": {"a": [1, 2]},
+        "fl": {"clients": 4, "local_lr": 0.5},
     }
     spec = parse_spec(data)
     assert isinstance(spec, SweepSpec)
     assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_reid_identifier_is_checked_and_reaches_every_cell(tmp_path: Path) -> None:
+    spec = parse_spec({**base_data(), "reid": {"name": "trained", "params": {"epochs": 5}}})
+    assert {(c.reid, c.reid_params["epochs"]) for c in spec.cells()} == {("trained", 5)}
+    assert spec.spec_hash() != parse_spec(base_data()).spec_hash()
+    assert all(c.reid is None for c in parse_spec(base_data()).cells())
+    path = write(tmp_path, BASE + "reid: traind\n")
+    assert_names(load_error(path), path, "reid.name", "'traind'")
+    path = write(tmp_path, BASE + "reid: {name: trained, params: {depth: 3}}\n")
+    assert_names(load_error(path), path, "reid.params.depth", "'depth'")
+    path = write(tmp_path, BASE + "reid: {name: trained, params: {epochs: 0}}\n")
+    assert_names(load_error(path), path, "reid.params.epochs", "0")

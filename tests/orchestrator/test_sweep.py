@@ -20,7 +20,7 @@ from orchestrator.results import load
 from orchestrator.runner import TrialTimeout, Watchdog, execute_cell
 from orchestrator.status import main as status_main
 
-TIMEOUT_S = 20
+TIMEOUT_S = 45  # generous: a loaded CI machine must not time out the 10-iteration trial
 FOREVER = 10**7  # GRNN iterations no trial finishes within TIMEOUT_S
 
 
@@ -59,7 +59,7 @@ def test_every_cell_gets_one_row_with_its_outcome(mixed: dict) -> None:
 
     slow = by[(FOREVER, 1)]
     assert slow["status"] == "TIMEOUT" and slow["error_type"] == "Timeout"
-    assert TIMEOUT_S <= slow["wall_s"] < TIMEOUT_S + 15
+    assert TIMEOUT_S <= slow["wall_s"] < TIMEOUT_S + 30
 
     s = mixed["summary"]
     assert (s.ran, s.complete, s.failed, s.timeout) == (4, 1, 2, 1)

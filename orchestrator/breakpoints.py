@@ -1,0 +1,182 @@
+"""The breaking-point table: where each defense starts to stop each attack, from a sweep's rows.
+
+For every attack x batch size x defense (and dataset, victim, round when a table holds several), the
+breaking strength is the defense strength at which the attack's success rate over seeds falls below
+`rate`, where a trial succeeds while its metric (PSNR by default) stays at or above the threshold (the
+row's success_psnr by default). Grid rows and searched rows (sweeps with `search: breaking_point`) are
+read the same way, so a dense grid and a search can be compared on one footing (benchmarks/breakpoints.py).
+
+Per seed, the rows are ordered by strength (`STRENGTH` says which parameter is the strength and which way
+it grows: fewer quantization bits or a smaller clipping norm is stronger). The seed's breaking strength is
+the weakest strength from which every stronger tested strength is broken; the strength tested just before
+it still let the attack through, so the seed's breaking point lies in (lower, breaking]. A seed never
+broken within the tested range has no breaking strength (beyond the range); one broken everywhere breaks
+at the weakest tested strength, with no lower bound. Across seeds the breaking strength is the weakest
+per-seed value at which fewer than `rate` of the seeds still succeed (the median for rate 0.5), and the
+uncertainty is the same order statistic of the per-seed lower bounds, plus the spread of the per-seed
+values (seed_min, seed_max). model_acc and utility_acc are the means over the rows at the breaking strength.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["STRENGTH", "breaking_points", "grid_position", "within_one_step"]
+
+# defense -> (parameter that sets its strength, +1 if a larger value is stronger, -1 if a smaller one is)
+STRENGTH: dict[str, tuple[str, int]] = {
+    "gaussian": ("sigma", 1),
+    "laplace": ("scale", 1),
+    "dp_sgd": ("sigma", 1),
+    "prune": ("ratio", 1),
+    "soteria": ("ratio", 1),
+    "quantize": ("bits", -1),
+    "clip": ("max_norm", -1),
+}
+_CONTEXT = ("dataset", "victim", "fl_round")  # grouped by too, when a table holds more than one value
+COLUMNS = [
+    "attack", "batch_size", "defense", "param", "breaking_strength", "strength_low", "seed_min", "seed_max",
+    "seeds", "broken_seeds", "trials", "metric_at", "model_acc", "utility_acc",
+]  # fmt: skip
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _seed_bracket(points: list[tuple[float, bool]], direction: int) -> tuple[float | None, float | None]:
+    """(lower, breaking) of one seed from (strength, broken) points: breaking None = not broken in range."""
+    ordered = sorted(points, key=lambda p: direction * p[0])
+    suffix = len(ordered)
+    while suffix > 0 and ordered[suffix - 1][1]:
+        suffix -= 1
+    breaking = ordered[suffix][0] if suffix < len(ordered) else None
+    lower = ordered[suffix - 1][0] if suffix > 0 else None
+    return lower, breaking
+
+
+def _order_statistic(values: list[float | None], k: int, direction: int, missing_is_strong: bool) -> float | None:
+    """The k-th weakest of `values` (None counts as beyond the strong end, or the weak end)."""
+    inf = math.inf if missing_is_strong else -math.inf
+    keyed = sorted(values, key=lambda v: inf if v is None else direction * v)
+    return keyed[k]
+
+
+def breaking_points(
+    df: pd.DataFrame,
+    *,
+    metric: str = "psnr",
+    threshold: float | None = None,
+    rate: float = 0.5,
+    strength: dict[str, tuple[str, int]] | None = None,
+) -> pd.DataFrame:
+    """The breaking-point table of `df` (rows as orchestrator.results.load gives them); see the module doc.
+
+    Only COMPLETE rows with a finite metric count (a trial that ASHA stopped counts, scored where it stopped).
+    `threshold` None: each row's success_psnr (metric psnr only). Defenses without a known strength
+    parameter (`STRENGTH`, or `strength` to add some) or without that column are left out.
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1] (got {rate})")
+    if threshold is None and metric != "psnr":
+        raise ValueError(f"a threshold is needed for metric {metric!r} (only psnr defaults to success_psnr)")
+    table = {**STRENGTH, **(strength or {})}
+    if df.empty or metric not in df.columns:
+        return pd.DataFrame(columns=COLUMNS)
+    rows = df[df["status"] == "COMPLETE"] if "status" in df.columns else df
+    context = [c for c in _CONTEXT if c in rows.columns and rows[c].nunique(dropna=False) > 1]
+    keys = [*context, "attack", "batch_size", "defense"]
+    out = []
+    for group, part in rows.groupby(keys, dropna=False, sort=True):
+        values = dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True))
+        name = values["defense"]
+        if name not in table:
+            continue
+        param, direction = table[name]
+        column = f"defense.{param}"
+        if column not in part.columns:
+            continue
+        part = part[[_finite(v) and _finite(m) for v, m in zip(part[column], part[metric], strict=True)]]
+        if part.empty:
+            continue
+        limits = (
+            pd.Series(threshold, index=part.index) if threshold is not None
+            else pd.to_numeric(part["success_psnr"], errors="coerce")
+        )  # fmt: skip
+        broken = pd.to_numeric(part[metric], errors="coerce") < limits
+        brackets = []
+        for _, seed_rows in part.assign(_broken=broken).groupby("seed" if "seed" in part.columns else lambda _: 0):
+            by_strength = seed_rows.groupby(column)["_broken"].mean()
+            points = [(float(s), bool(b > 0.5)) for s, b in by_strength.items()]
+            brackets.append(_seed_bracket(points, direction))
+        n = len(brackets)
+        k = _rank_for_rate(n, rate)
+        breaking = _order_statistic([b for _, b in brackets], k, direction, missing_is_strong=True)
+        lower = _order_statistic([lo for lo, _ in brackets], k, direction, missing_is_strong=False)
+        found = [b for _, b in brackets if b is not None]
+        at = part[[float(v) == breaking for v in part[column]]] if breaking is not None else part.iloc[0:0]
+        out.append(
+            {
+                **values,
+                "param": param,
+                "breaking_strength": breaking,
+                "strength_low": lower,
+                "seed_min": min(found, key=lambda v: direction * v) if found else None,
+                "seed_max": max(found, key=lambda v: direction * v) if found else None,
+                "seeds": n,
+                "broken_seeds": len(found),
+                "trials": len(part),
+                "metric_at": _mean(at, metric),
+                "model_acc": _mean(at, "model_acc"),
+                "utility_acc": _mean(at, "utility_acc"),
+            }
+        )
+    return pd.DataFrame(out, columns=[*context, *COLUMNS])
+
+
+def _rank_for_rate(n: int, rate: float) -> int:
+    """0-based rank k of the per-seed breaking strengths (weakest first) at which the success rate, the
+    fraction of seeds whose own breaking strength is stronger, first drops below `rate`: (n-1-k)/n < rate."""
+    for k in range(n):
+        if (n - 1 - k) / n < rate:
+            return k
+    return n - 1
+
+
+def _mean(rows: pd.DataFrame, column: str) -> float | None:
+    if rows.empty or column not in rows.columns:
+        return None
+    values = pd.to_numeric(rows[column], errors="coerce").dropna()
+    return float(values.mean()) if len(values) else None
+
+
+def grid_position(value: float | None, steps: Sequence[float], direction: int = 1) -> int:
+    """Index of the first grid step at least as strong as `value` (len(steps) for None: beyond the range)."""
+    ordered = sorted(steps, key=lambda s: direction * s)
+    if value is None:
+        return len(ordered)
+    tolerance = 1e-9 * max(1.0, abs(value))  # a searched value equal to a step, up to float noise
+    for i, step in enumerate(ordered):
+        if direction * step >= direction * value - tolerance:
+            return i
+    return len(ordered)
+
+
+def within_one_step(found: float | None, reference: float | None, steps: Sequence[float], direction: int = 1) -> bool:
+    """Whether a breaking strength `found` (e.g. by search) lies within one grid step of `reference` (the dense
+    grid's, one of `steps`): between the steps either side of it, inclusive. None means not broken within
+    the range (beyond the strongest step)."""
+    ordered = [direction * s for s in sorted(steps, key=lambda s: direction * s)]
+    i = grid_position(reference, steps, direction)
+    low = ordered[i - 1] if i >= 1 else -math.inf
+    high = ordered[i + 1] if i + 1 < len(ordered) else math.inf
+    value = math.inf if found is None else direction * found
+    tolerance = 1e-9 * max(1.0, abs(value)) if math.isfinite(value) else 0.0
+    return low - tolerance <= value <= high + tolerance

@@ -1,0 +1,95 @@
+"""FL training stages in a sweep, on the embedded Ray: each chain trained once before the trials, model accuracy
+rising with the round, utility training under each defense, and a chain that cannot train failing its cells.
+
+One sweep (digits, LeNet, fl_round 0/5/20, defenses none and gaussian sigma=1 with `utility: true`) serves
+most tests; its FL settings are small enough to train 20 rounds in seconds and still learn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from grnn_engine import fl
+from orchestrator import runner, sweep
+from orchestrator.results import load
+from orchestrator.spec import load_spec
+
+# Large local batches and a large step: 20 rounds of digits train in seconds and reach ~0.97 accuracy.
+FAST_FL = {"clients": 2, "local_epochs": 1, "local_batch_size": 128, "local_lr": 1.0}
+
+
+@pytest.fixture(scope="module")
+def stages_sweep(tmp_path_factory: pytest.TempPathFactory, ray_session: None, make_spec: Any) -> dict:
+    tmp = tmp_path_factory.mktemp("fl")
+    spec = make_spec(
+        tmp / "fl.yaml", name="fl", fl=FAST_FL, utility=True,
+        grid={
+            "fl_round": [0, 5, 20],
+            "defense": ["none", {"name": "gaussian", "params": {"sigma": 1.0}}],
+            "attack": [{"name": "grnn", "params": {"iterations": 5}, "eval_every": 5}],
+            "seed": [0],
+        },
+    )  # fmt: skip
+    results = tmp / "results"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = sweep.run([str(spec), "--results", str(results)])
+    return {"spec": spec, "results": results, "df": load(results / "fl"), "summary": summary, "out": out.getvalue()}
+
+
+def test_model_accuracy_rises_with_the_round(stages_sweep: dict) -> None:
+    df = stages_sweep["df"]
+    assert len(df) == 6 and (df["status"] == "COMPLETE").all(), df[["status", "error"]]
+    clean = df[df["defense"] == "none"].sort_values("fl_round")
+    assert clean["fl_round"].tolist() == [0, 5, 20]
+    acc = clean["model_acc"].tolist()
+    assert acc[0] < acc[1] < acc[2], acc
+    assert acc[0] < 0.2 and acc[2] > 0.6  # untrained is at chance (10 classes); 20 rounds learn clearly
+    assert clean["model_loss"].is_monotonic_decreasing
+    assert (clean["fl.local_lr"] == 1.0).all() and (clean["fl.clients"] == 2).all()
+
+
+def test_every_chain_is_trained_once_and_then_cached(stages_sweep: dict) -> None:
+    # 2 chains (one per defense, as utility trains under it), each trained by one task for all its rounds
+    assert "FL stages: 2 chains (6 stages)" in stages_sweep["out"]
+    assert "2 chains trained, 0 from the cache, 0 failed" in stages_sweep["out"]
+    cache = stages_sweep["results"] / runner.STAGES_DIR
+    assert len(list(cache.glob("*.pt"))) == 6  # one file per stage: rounds 0, 5, 20 of each chain
+    # the next sweep on this machine finds them all: loading trains nothing
+    before = fl.chains_trained
+    for request in fl.stage_requests(load_spec(stages_sweep["spec"]).cells()):
+        stages = request.train(cache_dir=cache)
+        assert sorted(stages) == [0, 5, 20]
+    assert fl.chains_trained == before
+
+
+def test_utility_measures_what_the_defense_costs(stages_sweep: dict) -> None:
+    df = stages_sweep["df"]
+    utility = df.groupby("defense")["utility_acc"].agg(["min", "max"])
+    # one value per defense (its chain at utility_round = 20), on every row of it, whatever the row's round
+    assert (utility["min"] == utility["max"]).all()
+    assert utility.loc["none", "max"] > 0.6
+    assert utility.loc["gaussian", "max"] < utility.loc["none", "max"] - 0.3  # noise this large stops learning
+    noisy = df[df["defense"] == "gaussian"]
+    assert (noisy["fl.defense"] == "gaussian").all()
+    assert noisy.loc[noisy["fl_round"] == 20, "model_acc"].item() == pytest.approx(utility.loc["gaussian", "max"])
+
+
+def test_a_chain_that_cannot_train_fails_its_cells_and_the_sweep_goes_on(
+    tmp_path: Path, ray_session: None, make_spec: Any
+) -> None:
+    spec = make_spec(
+        tmp_path / "bad.yaml", name="bad", data={"dataset": "mnist", "root": str(tmp_path / "no-mnist-here")},
+        grid={"fl_round": [1], "seed": [0, 1]},
+    )  # fmt: skip
+    summary = sweep.run([str(spec), "--results", str(tmp_path / "results")])
+    assert summary is not None and summary.ran == 2 and summary.failed == 2
+    df = load(tmp_path / "results" / "bad")
+    assert len(df) == 2 and (df["status"] == "FAILED").all()
+    assert df["error"].str.startswith("FL training stage failed").all()
+    assert (df["error_type"] == "DataError").all()
