@@ -23,7 +23,12 @@ from collections.abc import Callable
 import torch
 
 from grnn_engine import ATTACKS
-from grnn_engine.attacks.base import SharedUpdate, squared_gradient_distance, trainable_parameters, victim_gradient
+from grnn_engine.attacks.base import (
+    SharedUpdate,
+    squared_gradient_distance,
+    trainable_parameters,
+    victim_gradient,
+)
 from grnn_engine.attacks.grnn import GrnnGenerator
 from grnn_engine.data import load_dataset, select_batch
 from grnn_engine.victims import create_victim

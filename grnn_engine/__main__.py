@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from grnn_engine.errors import GrnnError
+from grnn_engine.errors import ConfigError, GrnnError
+from grnn_engine.trial_spec import SEED_MAX  # noqa: E402  (the bound the sweep spec uses too)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (exit 2), without the usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
+
+
+def one_line(text: str) -> str:
+    """`text` on one printable line: control characters a user typed into a value (a newline, a carriage
+    return, a lone surrogate from undecodable bytes) are shown escaped, as repr() would."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     from grnn_engine.cli_values import parse_assignments
-    from grnn_engine.errors import ConfigError
     from grnn_engine.trial_spec import TrialSpec
 
     if args.batch_size < 1:
@@ -70,6 +77,12 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--eval-every must be >= 1 (got {args.eval_every})")
     if args.fl_round < 0:
         raise ConfigError(f"--fl-round must be >= 0 (got {args.fl_round})")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must be in 0..{SEED_MAX} (got {args.seed})")
+    if not math.isfinite(args.success_psnr):
+        raise ConfigError(f"--success-psnr must be a finite number of dB (got {args.success_psnr})")
+    if args.local_lr is not None and not (math.isfinite(args.local_lr) and args.local_lr > 0):
+        raise ConfigError(f"--local-lr must be a finite number > 0 (got {args.local_lr})")
     attack_params = parse_assignments(args.attack_param, "--attack-param")
     if args.iterations is not None:
         if args.iterations < 1:
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except GrnnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -108,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     ATTACKS.create(spec.attack, **spec.attack_params)  # fail on bad settings before loading anything
+    if args.out is not None:
+        _prepare_out(args.out)  # an unusable --out must fail now, not after the attack ran
     bar = None
     if sys.stderr.isatty() and not args.no_progress:
         from tqdm import tqdm
@@ -136,13 +151,25 @@ def _run(args: argparse.Namespace) -> int:
     line.pop("history_json")
     line["history"] = result.history
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "result.json").write_text(json.dumps(line, indent=2) + "\n")
-        if result.image_png is not None:
-            (args.out / "reconstruction.png").write_bytes(result.image_png)
+        try:
+            (args.out / "result.json").write_text(json.dumps(line, indent=2) + "\n")
+            if result.image_png is not None:
+                (args.out / "reconstruction.png").write_bytes(result.image_png)
+        except OSError as err:  # e.g. the disk filled up during the trial
+            raise ConfigError(f"--out {args.out}: cannot write the result files ({err.strerror or err})") from None
     line.pop("history")
     print(json.dumps(line))
     return 0 if result.status == "COMPLETE" else 1
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the --out folder, or raise ConfigError with one sentence when it cannot be used."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for result.json and reconstruction.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out} cannot be created ({err.strerror or err}); give a writable folder") from None
 
 
 if __name__ == "__main__":

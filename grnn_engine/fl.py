@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -227,14 +226,17 @@ def _load_stage(path: pathlib.Path) -> dict[str, Any] | None:
 
 def _save_stage(path: pathlib.Path, stage: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder + os.replace: a reader never sees a half-written stage.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
+    # Temp file in the same folder + os.replace: a reader never sees a half-written stage. Created with
+    # mode 0o666 so that the user's umask decides who may read the cache, as for every other file the
+    # project writes (tempfile.mkstemp would force 0o600); O_EXCL keeps two writers apart.
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
-        torch.save(stage, tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(stage, f)
         os.replace(tmp, path)
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -146,6 +146,9 @@ def run_trial(
     shared = defense.apply(update, client=ClientBatch(model, images, labels), generator=defense_generator)
 
     def evaluate(candidate: Tensor) -> float:
+        # A diverged iterate cannot be matched (the assignment needs finite costs); its PSNR is NaN.
+        if not torch.isfinite(candidate).all():
+            return float("nan")
         return matched_psnr(candidate, images)
 
     attack_start = time.perf_counter()

@@ -11,6 +11,9 @@ from typing import Any
 # cell gets the same key on every machine.
 _NOT_IN_KEY = {"data_root", "device", "download"}
 
+# Seeds seed 64-bit torch generators, plus a small offset for the defense's stream: 2**62 leaves room.
+SEED_MAX = 2**62
+
 
 @dataclass(frozen=True)
 class TrialSpec:

@@ -174,24 +174,52 @@ def union_tables(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(fixed, promote_options="permissive")
 
 
-def _read_parquet(path: Path) -> pa.Table | None:
-    """The table in `path`, or None with a warning when it is unreadable or not a ledger file."""
+def is_plain_key(key: object) -> bool:
+    """A trial_key that can name a file in parts/ and images/: no path separator, not hidden, short."""
+    return (
+        isinstance(key, str) and 0 < len(key) <= 128 and not key.startswith(".")
+        and not any(c in key for c in "/\\\0")
+    )
+
+
+def _schema_problem(table: pa.Table, part_key: str | None) -> str | None:
+    """Why `table` is not a ledger table this code wrote, or None. Parts and trials.parquet are read
+    from a folder anyone with write access could drop files into: a file whose fixed columns have other
+    types, or whose keys would name paths outside the folder, is skipped rather than let into the report."""
+    if "trial_key" not in table.column_names:
+        return "it has no trial_key column (not a results file)"
+    for name, expected in FIXED_COLUMNS.items():
+        if name in table.column_names:
+            actual = table.schema.field(name).type
+            if actual != expected and actual != pa.null():
+                return f"its column {name} has type {actual}, not {expected} (not a results file of this project)"
+    keys = table.column("trial_key").to_pylist()
+    bad = next((k for k in keys if not is_plain_key(k)), None)
+    if bad is not None or None in keys:
+        return f"its trial_key {bad!r} is not a plain key (no path separator, not hidden, 1-128 characters)"
+    if part_key is not None and keys != [part_key]:
+        return f"a part must hold exactly one row, for the key in its file name ({part_key}), not {keys[:3]!r}"
+    if "schema_version" in table.column_names:
+        versions = {v for v in table.column("schema_version").to_pylist() if v is not None}
+        if any(v > SCHEMA_VERSION for v in versions):
+            return f"schema_version {max(versions)} is newer than this code ({SCHEMA_VERSION})"
+    return None
+
+
+def _read_parquet(path: Path, part_key: str | None = None) -> pa.Table | None:
+    """The table in `path`, or None with a warning when it is unreadable or not a ledger file.
+
+    `part_key`: `path` is the part of that trial_key, so it must hold exactly that one row.
+    """
     try:
         table = pq.read_table(path)
     except Exception as err:  # noqa: BLE001  (any reader error means: not a usable part)
         warnings.warn(f"skipping unreadable results file {path}: {err}", stacklevel=3)
         return None
-    if "trial_key" not in table.column_names:
-        warnings.warn(f"skipping {path}: it has no trial_key column (not a results file)", stacklevel=3)
+    problem = _schema_problem(table, part_key)
+    if problem is not None:
+        warnings.warn(f"skipping results file {path}: {problem}", stacklevel=3)
         return None
-    if "schema_version" in table.column_names:
-        versions = {v for v in table.column("schema_version").to_pylist() if v is not None}
-        if any(v > SCHEMA_VERSION for v in versions):
-            warnings.warn(
-                f"skipping {path}: schema_version {max(versions)} is newer than this code ({SCHEMA_VERSION})",
-                stacklevel=3,
-            )
-            return None
     return table
 
 
@@ -251,7 +279,7 @@ class Ledger:
     def write_part(self, row: dict[str, Any], image_png: bytes | None = None) -> Path:
         """Write one finished trial (image first, so a part never points at a missing image)."""
         key = row.get("trial_key")
-        if not key or not isinstance(key, str) or "/" in key or key.startswith("."):
+        if not is_plain_key(key):
             raise ValueError(f"a result row needs a plain trial_key, got {key!r}")
         if image_png is not None:
             atomic_write_bytes(self.images_dir / f"{key}.png", image_png)
@@ -305,7 +333,7 @@ class Ledger:
             if compacted is not None:
                 sources.append((compacted, 0))
         for p in parts:
-            table = _read_parquet(p)
+            table = _read_parquet(p, part_key=p.stem)
             if table is not None:
                 sources.append((table, 1))
         return _newest_wins(sources), newest

@@ -194,7 +194,11 @@ def _device(spec_device: str, gpu: float) -> str:
 def _is_oom(err: BaseException) -> bool:
     import torch
 
-    return isinstance(err, MemoryError | torch.cuda.OutOfMemoryError)
+    if isinstance(err, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    # A CPU allocation past a memory cap surfaces as a plain RuntimeError from torch's allocator.
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("DefaultCPUAllocator" in text or "can't allocate memory" in text)
 
 
 class StageFailed(Exception):

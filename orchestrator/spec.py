@@ -65,7 +65,7 @@ from pydantic_core import PydanticCustomError
 from grnn_engine.data import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from grnn_engine.errors import ConfigError
 from grnn_engine.registry import Registry, did_you_mean
-from grnn_engine.trial_spec import TrialSpec
+from grnn_engine.trial_spec import SEED_MAX, TrialSpec
 
 __all__ = [
     "SEARCH_TARGETS",
@@ -94,6 +94,9 @@ __all__ = [
     "search_applies",
 ]
 
+# An integer seed count N expands to N seeds: bounded so that a typo cannot allocate gigabytes.
+MAX_SEED_COUNT = 10**6
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
 RESULTS_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _NAME_RULE = "letters, digits, '.', '_' and '-' ([A-Za-z0-9._-]+, at most 100), not '.' or '..'"
 # Victim parameters the sweep sets itself (from data.image_size, the dataset and the trial seed).
@@ -187,7 +190,7 @@ class GridSpec(_Model):
     batch_size: list[PosInt] = Field(default_factory=lambda: [1], min_length=1)
     defense: list[PluginEntry] = Field(default_factory=lambda: [PluginEntry(name="none")], min_length=1)
     attack: list[AttackEntry] = Field(min_length=1)
-    seed: list[NonNegInt] = Field(default_factory=lambda: [0], min_length=1)
+    seed: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("victim", "fl_round", "batch_size", "defense", "attack", mode="before")
     @classmethod
@@ -198,11 +201,11 @@ class GridSpec(_Model):
     @classmethod
     def _seed_count(cls, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
-            if value < 1:
+            if not 1 <= value <= MAX_SEED_COUNT:
                 raise PydanticCustomError(
                     "seed_count",
-                    "an integer N means seeds 0..N-1, so it must be >= 1",
-                    {"allowed": "an integer N >= 1, or a list of seeds >= 0"},
+                    f"an integer N means seeds 0..N-1, so it must be in 1..{MAX_SEED_COUNT}",
+                    {"allowed": f"an integer N in 1..{MAX_SEED_COUNT}, or a list of seeds in 0..{SEED_MAX}"},
                 )
             return list(range(value))
         return value

@@ -213,6 +213,12 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         raise UsageError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
     spec = load_spec(args.spec)
     searching = isinstance(spec.search, OptunaSearch)
+    # Before expanding anything: a grid of 1e8 cells must ask for --yes, not fill memory first.
+    if spec.cell_count() > spec.max_cells and not (args.yes or args.dry_run or args.compact):
+        raise UsageError(
+            f"sweep '{spec.name}' has {spec.cell_count()} cells, more than its max_cells={spec.max_cells}; "
+            f"pass --yes to run it anyway, or raise max_cells in the spec"
+        )
     cells = spec.cells()
     todo: list[TrialSpec]
     trials = spec.trial_count()

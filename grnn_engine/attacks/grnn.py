@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from grnn_engine.attacks.base import (
@@ -46,6 +47,7 @@ from grnn_engine.attacks.base import (
 )
 from grnn_engine.attacks.ig import CosineDistance
 from grnn_engine.errors import ConfigError
+from grnn_engine.metrics import pairwise_mse
 
 # Models up to this many parameters get the authors' LeNet TV weight, larger ones their ResNet weight.
 _SMALL_MODEL_PARAMS = 100_000
@@ -55,6 +57,7 @@ SCHEDULES = ("constant", "cosine", "step")
 DISTANCES = ("l2", "wasserstein")
 LABELS = ("learned", "inferred")
 SELECTS = ("last", "best")
+COMBINES = ("best", "mean")
 GENERATOR_NORMS = ("batch", "none")
 
 # The knob values of each preset. `None` for tv_weight means the authors' size-dependent choice.
@@ -74,8 +77,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "labels": "learned",
         "select": "last",
         "generator_norm": "batch",
+        "chroma_weight": None,
+        "combine": "best",
         "refine_iterations": 0,
-        "refine_lr": 0.01,
+        "refine_lr": 0.3,
+        "refine_tv_weight": None,
     },
     "strong": {
         "iterations": 1000,
@@ -92,8 +98,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "labels": "inferred",
         "select": "best",
         "generator_norm": "batch",
+        "chroma_weight": None,
+        "combine": "best",
         "refine_iterations": 0,
-        "refine_lr": 0.01,
+        "refine_lr": 0.3,
+        "refine_tv_weight": None,
     },
 }
 
@@ -166,6 +175,35 @@ def wasserstein_layer_distance(fake: Sequence[Tensor], true_sorted: Sequence[Ten
             for f, t in zip(fake, true_sorted, strict=True)
         ]
     ).sum()
+
+
+def colour_total_variation(images: Tensor, chroma_weight: float) -> Tensor:
+    """`total_variation` of the images in a luminance / chroma basis, chroma scaled by `chroma_weight`.
+
+    Natural images vary far less in colour than in brightness; weighting chroma edges more removes the
+    colour noise that the gradient of a LeNet does not see. Single-channel images have no chroma.
+    """
+    if images.shape[1] != 3:
+        return total_variation(images)
+    r, g, b = images.unbind(dim=1)
+    basis = torch.stack([(r + g + b) / 3, chroma_weight * (r - g), chroma_weight * (b - g)], dim=1)
+    return total_variation(basis)
+
+
+def _align(images: Tensor, labels: Tensor, reference: Tensor, ref_labels: Tensor) -> Tensor:
+    """`images` reordered to best match `reference` image by image (least squares, same labels first).
+
+    Restarts may produce a batch's images in a different order; averaging needs them aligned. Uses only
+    the attacker's own reconstructions.
+    """
+    if images.shape[0] == 1:
+        return images
+    cost = pairwise_mse(images, reference)  # (reference, images)
+    cost = cost + 1e6 * (ref_labels.view(-1, 1).cpu() != labels.view(1, -1).cpu()).to(cost)
+    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    order = torch.empty(len(rows), dtype=torch.long)
+    order[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return images[order.to(images.device)]
 
 
 def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -249,18 +287,22 @@ class GRNN(Attack):
         labels: str | None = None,
         select: str | None = None,
         generator_norm: str | None = None,
+        chroma_weight: float | None = None,
+        combine: str | None = None,
         refine_iterations: int | None = None,
         refine_lr: float | None = None,
+        refine_tv_weight: float | None = None,
     ) -> None:
         _choice("preset", preset, tuple(PRESETS))
         given = {
             "iterations": iterations, "restarts": restarts, "optimizer": optimizer, "lr": lr,
             "momentum": momentum, "schedule": schedule, "noise_dim": noise_dim, "distance": distance,
             "cosine_weight": cosine_weight, "tv_weight": tv_weight, "width": width, "labels": labels,
-            "select": select, "generator_norm": generator_norm, "refine_iterations": refine_iterations,
-            "refine_lr": refine_lr,
+            "select": select, "generator_norm": generator_norm, "chroma_weight": chroma_weight,
+            "combine": combine, "refine_iterations": refine_iterations, "refine_lr": refine_lr,
+            "refine_tv_weight": refine_tv_weight,
         }
-        knobs = {k: (v if v is not None else PRESETS[preset][k]) for k, v in given.items()}
+        knobs: dict[str, Any] = {k: (v if v is not None else PRESETS[preset][k]) for k, v in given.items()}
         _positive_int("iterations", knobs["iterations"])
         _positive_int("restarts", knobs["restarts"])
         _positive_int("noise_dim", knobs["noise_dim"])
@@ -272,11 +314,13 @@ class GRNN(Attack):
         _choice("labels", knobs["labels"], LABELS)
         _choice("select", knobs["select"], SELECTS)
         _choice("generator_norm", knobs["generator_norm"], GENERATOR_NORMS)
+        _choice("combine", knobs["combine"], COMBINES)
         _number("lr", knobs["lr"], positive=True)
         _number("refine_lr", knobs["refine_lr"], positive=True)
         _number("cosine_weight", knobs["cosine_weight"], positive=False)
-        if knobs["tv_weight"] is not None:
-            _number("tv_weight", knobs["tv_weight"], positive=False)
+        for optional in ("tv_weight", "chroma_weight", "refine_tv_weight"):
+            if knobs[optional] is not None:
+                _number(optional, knobs[optional], positive=False)
         m = knobs["momentum"]
         if not (isinstance(m, int | float) and not isinstance(m, bool) and 0 <= m < 1):
             raise ConfigError(f"grnn momentum must be a number in [0, 1) (got {m!r})")
@@ -296,8 +340,11 @@ class GRNN(Attack):
         self.labels: str = knobs["labels"]
         self.select: str = knobs["select"]
         self.generator_norm: str = knobs["generator_norm"]
+        self.chroma_weight: float | None = knobs["chroma_weight"]
+        self.combine: str = knobs["combine"]
         self.refine_iterations: int = knobs["refine_iterations"]
         self.refine_lr: float = knobs["refine_lr"]
+        self.refine_tv_weight: float | None = knobs["refine_tv_weight"]
         self.iterations = self.steps_per_restart * self.restarts + self.refine_iterations
 
     def _tv_weight(self, params: Sequence[Tensor]) -> float:
@@ -305,7 +352,12 @@ class GRNN(Attack):
             return self.tv_weight
         return 1e-3 if sum(p.numel() for p in params) <= _SMALL_MODEL_PARAMS else 1e-6
 
-    def _optimizer(self, weights: list[Tensor], lr: float) -> tuple[torch.optim.Optimizer, Any]:
+    def _tv(self, images: Tensor) -> Tensor:
+        if self.chroma_weight is None:
+            return total_variation(images)
+        return colour_total_variation(images, self.chroma_weight)
+
+    def _optimizer(self, weights: Sequence[Tensor], lr: float) -> tuple[torch.optim.Optimizer, Any]:
         steps = self.steps_per_restart
         optimizer: torch.optim.Optimizer
         if self.optimizer == "rmsprop":
@@ -335,7 +387,6 @@ class GRNN(Attack):
         eval_every: int = 50,
     ) -> Reconstruction:
         params = trainable_parameters(model)
-        device = params[0].device
         target = [t.detach() for t in shared_update.as_gradient()]
         check_reconstruct_args("grnn", target, params, batch_size=batch_size, eval_every=eval_every)
         objective = _Loss(target, self.distance, self.cosine_weight)
@@ -347,17 +398,19 @@ class GRNN(Attack):
             ).long()
 
         history: list[dict[str, float]] = []
-        best: tuple[Tensor, Tensor, float] | None = None
-        for restart in range(self.restarts):
-            images, labels, loss = self._one_restart(
+        runs = [
+            self._one_restart(
                 model, params, objective, tv_weight, fixed_labels, restart, num_classes, batch_size,
                 image_shape, generator, history, eval_every, evaluate, progress,
             )
-            # NaN never compares lower, so a diverged restart only wins when every restart diverged.
-            if best is None or loss < best[2]:
-                best = (images, labels, loss)
-        assert best is not None
-        images, labels, _ = best
+            for restart in range(self.restarts)
+        ]
+        # NaN never compares lower, so a diverged restart only wins when every restart diverged.
+        best = min(range(len(runs)), key=lambda r: runs[r][2] if math.isfinite(runs[r][2]) else math.inf)
+        images, labels, _ = runs[best]
+        if self.combine == "mean" and len(runs) > 1:
+            finite = [r for r in runs if math.isfinite(r[2])]
+            images = torch.stack([_align(im, lab, images, labels) for im, lab, _ in finite]).mean(dim=0)
         if self.refine_iterations:
             images = self._refine(model, params, objective, tv_weight, images, labels, history, eval_every,
                                   evaluate, progress)
@@ -407,7 +460,7 @@ class GRNN(Attack):
             targets = fixed_labels if fixed_labels is not None else soft_labels
             fake = torch.autograd.grad(soft_cross_entropy(model(images), targets), params, create_graph=True)
             matching, squared = objective(fake)
-            loss = matching + tv_weight * total_variation(images)
+            loss = matching + tv_weight * self._tv(images)
             if keep is not None:
                 keep.offer(squared, images, soft_labels)
             for w, g in zip(weights, torch.autograd.grad(loss, weights), strict=True):
@@ -432,12 +485,12 @@ class GRNN(Attack):
 
         if keep is not None and math.isfinite(float(keep.loss)):
             images, soft_labels = keep.values
-            loss = float(keep.loss)
+            final_loss = float(keep.loss)
         else:
             # The images that produced the last loss are the answer, as in the authors' code.
-            loss = float(squared.detach())
+            final_loss = float(squared.detach())
         labels = fixed_labels if fixed_labels is not None else soft_labels.detach().argmax(dim=1)
-        return images.detach(), labels, loss
+        return images.detach(), labels, final_loss
 
     def _refine(
         self,
@@ -455,14 +508,17 @@ class GRNN(Attack):
         """Fit the pixels directly from the generator's answer; returns the iterate of lowest gradient loss."""
         x = start.detach().clone().clamp(0, 1).requires_grad_(True)
         steps = self.refine_iterations
-        optimizer = torch.optim.Adam([x], lr=self.refine_lr)
+        # Plain momentum SGD, not Adam: Adam's per-pixel normalisation inflates the steps of pixels the
+        # gradient barely constrains, which measured as noise (-1 to -2 dB) here.
+        optimizer = torch.optim.SGD([x], lr=self.refine_lr, momentum=0.9)
+        refine_tv = self.refine_tv_weight if self.refine_tv_weight is not None else tv_weight
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=self.refine_lr / 100)
         keep = BestIterate(x)
         offset = self.steps_per_restart * self.restarts
         for it in range(1, steps + 1):
             fake = torch.autograd.grad(soft_cross_entropy(model(x), labels), params, create_graph=True)
             matching, squared = objective(fake)
-            loss = matching + tv_weight * total_variation(x)
+            loss = matching + refine_tv * self._tv(x)
             (x.grad,) = torch.autograd.grad(loss, [x])
             keep.offer(squared, x)
             log_now = it % eval_every == 0 or it == steps

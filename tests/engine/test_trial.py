@@ -18,6 +18,7 @@ from grnn_engine.errors import ConfigError
 from grnn_engine.trial import client_update
 from grnn_engine.victims import create_victim
 
+
 def _exit_code(argv: list[str]) -> int | str | None:
     """main()'s exit status, whether it returns it or argparse raises SystemExit with it."""
     try:

@@ -1,0 +1,130 @@
+"""Attack strength: mean matched PSNR, SSIM and label accuracy of each attack on fixed real test batches.
+
+Every setting (dataset x victim x fl_round x batch size x attack) runs the same `--batches` batches, batch
+k drawn from seed k (`select_batch`), so attacks are compared on identical images. fl_round 0 is the
+untrained model; a later round is the FedAvg-trained global model (grnn_engine.fl trains and caches it on
+first use). Attacks are given as `name` or `name:preset` (`grnn:paper`, `grnn:strong`); others run with
+their defaults, recorded under the preset name "default".
+
+The full grid (CIFAR-10 and MNIST, lenet and resnet18, B = 1, 4, 8, 16, two stages, 16 batches) needs a
+GPU; every axis is a flag so that a small subset runs on a CPU, e.g.
+    python benchmarks/strength.py --datasets cifar10 --victims lenet --batch-sizes 1 --fl-rounds 0 --batches 4
+
+Prints one row per setting, then one JSON line of
+`<attack>_<preset>_<victim>_b<B>[_<dataset>][_r<round>]_{psnr,ssim,label_acc}` (the dataset is left out
+for cifar10 and the round for round 0, so `grnn_strong_lenet_b4_psnr` is CIFAR-10, untrained lenet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from grnn_engine import TrialSpec, run_trial
+from grnn_engine.errors import ConfigError, DataError
+
+DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "dlg", "idlg", "ig"]
+
+
+def parse_attack(text: str) -> tuple[str, str, dict[str, Any]]:
+    """'grnn:strong' -> ('grnn', 'strong', {'preset': 'strong'}); 'dlg' -> ('dlg', 'default', {})."""
+    name, _, preset = text.partition(":")
+    if not preset:
+        return name, "default", {}
+    return name, preset, {"preset": preset}
+
+
+def result_key(attack: str, preset: str, victim: str, batch_size: int, dataset: str, fl_round: int) -> str:
+    key = f"{attack}_{preset}_{victim}_b{batch_size}"
+    if dataset != "cifar10":
+        key += f"_{dataset}"
+    if fl_round:
+        key += f"_r{fl_round}"
+    return key
+
+
+def run_setting(attack: str, params: dict[str, Any], *, dataset: str, data_root: str | None, victim: str,
+                fl_round: int, batch_size: int, batches: int, device: str) -> dict[str, float]:
+    """Mean psnr / ssim / label_acc (and seconds per trial) over batches 0..batches-1 of one setting."""
+    psnr, ssim, acc, seconds, failed = [], [], [], [], 0
+    for seed in range(batches):
+        spec = TrialSpec(attack=attack, attack_params=params, dataset=dataset, data_root=data_root, victim=victim,
+                         fl_round=fl_round, batch_size=batch_size, seed=seed, eval_every=10**9, device=device)
+        start = time.perf_counter()
+        result = run_trial(spec)
+        seconds.append(time.perf_counter() - start)
+        if result.status != "COMPLETE":
+            failed += 1
+            continue
+        psnr.append(float(result.metrics["psnr"]))
+        ssim.append(float(result.metrics["ssim"]))
+        acc.append(float(result.metrics["label_acc"]))
+    nan = float("nan")
+    return {
+        "psnr": statistics.fmean(psnr) if psnr else nan,
+        "ssim": statistics.fmean(ssim) if ssim else nan,
+        "label_acc": statistics.fmean(acc) if acc else nan,
+        "s_per_trial": statistics.fmean(seconds),
+        "failed": failed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["cifar10", "mnist"])
+    parser.add_argument("--victims", nargs="+", default=["lenet", "resnet18"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16])
+    parser.add_argument("--fl-rounds", nargs="+", type=int, default=[0, 5])
+    parser.add_argument("--batches", type=int, default=16, help="batches per setting (batch k from seed k)")
+    parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS, help="name or name:preset")
+    parser.add_argument("--data-root", default=os.environ.get("GRNN_DATA_ROOT"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error(f"--batches must be >= 1 (got {args.batches})")
+    torch.set_num_threads(args.threads)
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else None
+    machine = gpu or f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
+    print(f"# {datetime.date.today().isoformat()}  {platform.node()}  {machine}  torch {torch.__version__}")
+    print(f"# {args.batches} batches per setting (seeds 0..{args.batches - 1}), data root {args.data_root}")
+    header = f"{'dataset':8} {'victim':9} {'round':>5} {'B':>3} {'attack':8} {'preset':8} " \
+             f"{'psnr':>6} {'ssim':>6} {'labels':>6} {'s/trial':>8}"
+    print(header)
+    figures: dict[str, float] = {}
+    try:
+        for dataset in args.datasets:
+            for victim in args.victims:
+                for fl_round in args.fl_rounds:
+                    for batch_size in args.batch_sizes:
+                        for text in args.attacks:
+                            attack, preset, params = parse_attack(text)
+                            s = run_setting(attack, params, dataset=dataset, data_root=args.data_root,
+                                            victim=victim, fl_round=fl_round, batch_size=batch_size,
+                                            batches=args.batches, device=args.device)
+                            key = result_key(attack, preset, victim, batch_size, dataset, fl_round)
+                            for metric in ("psnr", "ssim", "label_acc"):
+                                figures[f"{key}_{metric}"] = round(s[metric], 4)
+                            note = f"  ({s['failed']} failed)" if s["failed"] else ""
+                            print(f"{dataset:8} {victim:9} {fl_round:5d} {batch_size:3d} {attack:8} {preset:8} "
+                                  f"{s['psnr']:6.2f} {s['ssim']:6.3f} {s['label_acc']:6.2f} "
+                                  f"{s['s_per_trial']:8.1f}{note}", flush=True)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

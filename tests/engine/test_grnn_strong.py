@@ -1,0 +1,115 @@
+"""GRNN presets: `strong` is selectable and overridable, and picks between restarts by gradient loss only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grnn_engine import ATTACKS
+from grnn_engine.attacks.base import (
+    SharedUpdate,
+    squared_gradient_distance,
+    trainable_parameters,
+    victim_gradient,
+)
+from grnn_engine.attacks.grnn import PRESETS, colour_total_variation
+from grnn_engine.data import load_dataset, select_batch
+from grnn_engine.errors import ConfigError
+from grnn_engine.victims import create_victim
+
+KNOBS = {  # preset key -> attribute of the attack that holds it
+    "iterations": "steps_per_restart", "restarts": "restarts", "optimizer": "optimizer", "lr": "lr",
+    "momentum": "momentum", "schedule": "schedule", "noise_dim": "noise_dim", "distance": "distance",
+    "cosine_weight": "cosine_weight", "tv_weight": "tv_weight", "width": "width", "labels": "labels",
+    "select": "select", "generator_norm": "generator_norm", "chroma_weight": "chroma_weight",
+    "combine": "combine", "refine_iterations": "refine_iterations", "refine_lr": "refine_lr",
+    "refine_tv_weight": "refine_tv_weight",
+}
+
+
+def _knobs(attack: object) -> dict[str, object]:
+    return {key: getattr(attack, attr) for key, attr in KNOBS.items()}
+
+
+def _digit_update(batch_size: int, seed: int = 0) -> tuple[torch.nn.Module, SharedUpdate, torch.Tensor]:
+    data = load_dataset("digits", split="test", image_size=32)
+    images, labels, _ = select_batch(data, batch_size, seed)
+    model = create_victim("lenet", num_classes=data.num_classes, image_size=32, seed=seed)
+    grads = victim_gradient(model, trainable_parameters(model), images, labels, create_graph=False)
+    return model, SharedUpdate(tensors=tuple(g.detach() for g in grads)), images
+
+
+def test_every_knob_is_in_both_presets() -> None:
+    assert set(PRESETS["paper"]) == set(PRESETS["strong"]) == set(KNOBS)
+
+
+def test_paper_is_the_default_and_strong_is_selectable() -> None:
+    assert _knobs(ATTACKS.create("grnn")) == PRESETS["paper"]
+    strong = ATTACKS.create("grnn", preset="strong")
+    assert _knobs(strong) == PRESETS["strong"]
+    assert PRESETS["strong"] != PRESETS["paper"]
+
+
+def test_explicit_knobs_override_the_preset() -> None:
+    attack = ATTACKS.create("grnn", preset="strong", iterations=7, lr=0.5, labels="learned", restarts=2)
+    knobs = _knobs(attack)
+    assert (knobs["iterations"], knobs["lr"], knobs["labels"], knobs["restarts"]) == (7, 0.5, "learned", 2)
+    untouched = {k: v for k, v in knobs.items() if k not in {"iterations", "lr", "labels", "restarts"}}
+    assert untouched == {k: PRESETS["strong"][k] for k in untouched}
+    # Total compute: steps per restart times restarts, plus the pixel refinement.
+    assert attack.iterations == 7 * 2 + PRESETS["strong"]["refine_iterations"]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"preset": "strongest"}, "grnn preset must be one of paper, strong .got 'strongest'"),
+        ({"optimizer": "sgd"}, "optimizer must be one of rmsprop, adam"),
+        ({"restarts": 0}, "restarts must be an integer >= 1"),
+        ({"combine": "max"}, "combine must be one of best, mean"),
+        ({"labels": "oracle"}, "labels must be one of learned, inferred"),
+        ({"refine_iterations": -1}, "refine_iterations must be an integer >= 0"),
+        ({"chroma_weight": -1.0}, "chroma_weight must be a finite number >= 0"),
+    ],
+)
+def test_bad_settings_are_config_errors(params: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ATTACKS.create("grnn", **params)
+
+
+def test_restarts_are_chosen_by_gradient_loss_alone() -> None:
+    """The answer is the restart whose best iterate has the lowest gradient loss, re-measurable by anyone."""
+    model, update, _ = _digit_update(1)
+    attack = ATTACKS.create("grnn", preset="strong", iterations=12, restarts=3, combine="best",
+                            select="best", labels="inferred", refine_iterations=0)
+    recon = attack.reconstruct(model, update, num_classes=10, batch_size=1, image_shape=(3, 32, 32),
+                               generator=torch.Generator().manual_seed(0), eval_every=4)
+    # No `evaluate` callback was given: the history holds no PSNR, so nothing but the loss could steer.
+    assert all("psnr" not in h for h in recon.history)
+    per_restart = {int(h["restart"]): h["best_grad_loss"] for h in recon.history}  # last entry of each
+    assert sorted(per_restart) == [0, 1, 2]
+    assert len(set(per_restart.values())) == 3, "restarts should start from different points"
+    params = trainable_parameters(model)
+    fake = victim_gradient(model, params, recon.images, recon.labels, create_graph=False)
+    answer = float(squared_gradient_distance(fake, update.tensors))
+    assert answer == pytest.approx(min(per_restart.values()), rel=1e-4)
+
+
+def test_strong_pipeline_with_mean_and_refinement_is_well_formed() -> None:
+    """Averaged restarts and pixel refinement keep the contract: shape, range, labels from the gradient."""
+    model, update, _ = _digit_update(3, seed=1)
+    attack = ATTACKS.create("grnn", preset="strong", iterations=6, restarts=2, combine="mean", refine_iterations=5)
+    recon = attack.reconstruct(model, update, num_classes=10, batch_size=3, image_shape=(3, 32, 32),
+                               generator=torch.Generator().manual_seed(1), eval_every=2)
+    assert recon.images.shape == (3, 3, 32, 32) and torch.isfinite(recon.images).all()
+    assert recon.images.min() >= 0 and recon.images.max() <= 1
+    assert recon.labels.dtype == torch.int64 and recon.labels.shape == (3,)
+    assert recon.history[-1]["iteration"] == attack.iterations == 6 * 2 + 5
+
+
+def test_colour_total_variation_penalises_chroma_more_than_brightness() -> None:
+    grey = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)).expand(1, 3, 8, 8)
+    colour = grey.clone()
+    colour[:, 0] = colour[:, 0].flip(-1)  # same brightness edges per channel, now in colour
+    assert colour_total_variation(grey, 3.0) < colour_total_variation(colour, 3.0)
+    assert colour_total_variation(colour, 3.0) > colour_total_variation(colour, 1.0)
