@@ -224,7 +224,7 @@ def _load_stage(path: pathlib.Path) -> dict[str, Any] | None:
         return None
 
 
-def _save_stage(path: pathlib.Path, stage: dict[str, Any]) -> None:
+def atomic_torch_save(path: pathlib.Path, stage: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Temp file in the same folder + os.replace: a reader never sees a half-written stage. Created with
     # mode 0o666 so that the user's umask decides who may read the cache, as for every other file the
@@ -597,7 +597,7 @@ def train_chain(
             acc, loss = _evaluate(model, test_images, test_labels, device)
             epsilon = dp_epsilon(settings, shard_sizes, seed, r) if r > 0 else None
             stage = _snapshot(model, acc, loss, r, epsilon)
-            _save_stage(path_of(r), stage)
+            atomic_torch_save(path_of(r), stage)
             stages[r] = stage
     model.eval()
     return {r: s for r, s in stages.items() if s is not None}

@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import pickle
-import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -493,16 +492,9 @@ def _read_cached(path: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _write_cached(path: pathlib.Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder + os.replace: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    from grnn_engine.fl import atomic_torch_save  # the one atomic, umask-respecting cache writer
+
+    atomic_torch_save(path, state)
 
 
 def fit_identifier(
