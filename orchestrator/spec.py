@@ -1142,7 +1142,9 @@ def _locate(loc: tuple[Any, ...], data: Any) -> tuple[str, Any, Any]:
             continue
         if isinstance(part, str) and "[" in part and not (isinstance(cur, dict) and part in cur):
             continue  # a validator or union-member label pydantic puts in the location
-        path += f".{part}" if path else str(part)
+        # A key a user typed with control characters (a newline) is shown quoted: the message stays one line.
+        shown = str(part) if str(part).isprintable() else f"[{part!r}]"
+        path += shown if shown.startswith("[") else (f".{shown}" if path else shown)
         cur = cur.get(part, _MISSING) if isinstance(cur, dict) else _MISSING
         if members and part in members[0].model_fields:
             tp = members[0].model_fields[part].annotation

@@ -337,9 +337,6 @@ def test_a_seed_torch_cannot_take_is_a_spec_error() -> None:
     assert err.value.path.startswith("grid.seed")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spec._locate joins the user's keys into the dotted path as they are: an unknown key holding a newline "
-    "splits the one-sentence message over two lines; show such keys with repr (data['\\n'])"))
 def test_an_unknown_key_with_a_newline_still_gives_one_line(tmp_path: Path) -> None:
     data = _base()
     data["data"]["\n"] = None
