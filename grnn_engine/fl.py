@@ -213,15 +213,20 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathli
     return pathlib.Path(chosen).expanduser()
 
 
-def _load_stage(path: pathlib.Path) -> dict[str, Any] | None:
+def load_torch_cache(path: pathlib.Path, what: str = "stage") -> dict[str, Any] | None:
+    """A cache file written by `atomic_torch_save`, or None when it is missing or unreadable."""
     if not path.exists():
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        # Writes are atomic, so this is disk damage or a foreign file: train the stage again.
-        warnings.warn(f"ignoring unreadable stage cache file {path}: {error}", stacklevel=2)
+        # Writes are atomic, so this is disk damage or a foreign file: the caller computes it again.
+        warnings.warn(f"ignoring unreadable {what} cache file {path}: {error}", stacklevel=3)
         return None
+
+
+def _load_stage(path: pathlib.Path) -> dict[str, Any] | None:
+    return load_torch_cache(path, "stage")
 
 
 def atomic_torch_save(path: pathlib.Path, stage: dict[str, Any]) -> None:

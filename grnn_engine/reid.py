@@ -29,8 +29,6 @@ import json
 import math
 import os
 import pathlib
-import pickle
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from torch import Tensor, nn
 
 from grnn_engine.data import ImageSet, load_dataset
 from grnn_engine.errors import ConfigError, DataError
+from grnn_engine.fl import atomic_torch_save, load_torch_cache
 from grnn_engine.registry import Registry
 
 __all__ = [
@@ -481,19 +480,10 @@ def identifier_key(
 
 
 def _read_cached(path: pathlib.Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        # Writes are atomic, so this is disk damage or a foreign file: fit the identifier again.
-        warnings.warn(f"ignoring unreadable identifier cache file {path}: {error}", stacklevel=3)
-        return None
+    return load_torch_cache(path, "identifier")
 
 
 def _write_cached(path: pathlib.Path, state: dict[str, Any]) -> None:
-    from grnn_engine.fl import atomic_torch_save  # the one atomic, umask-respecting cache writer
-
     atomic_torch_save(path, state)
 
 

@@ -66,28 +66,29 @@ GENERATOR_NORMS = ("batch", "none")
 
 # The knob values of each preset. tv_weight None: the preset's size-dependent choice (_TV_BY_SIZE);
 # refine_tv_weight None: 10x the TV weight the generator used.
+_PAPER: dict[str, Any] = {
+    "iterations": 1000,
+    "restarts": 1,
+    "optimizer": "rmsprop",
+    "lr": 1e-4,
+    "momentum": 0.99,
+    "schedule": "constant",
+    "noise_dim": 128,
+    "distance": "l2",
+    "cosine_weight": 0.0,
+    "tv_weight": None,
+    "width": 32,
+    "labels": "learned",
+    "select": "last",
+    "generator_norm": "batch",
+    "chroma_weight": None,
+    "combine": "best",
+    "refine_iterations": 0,
+    "refine_lr": 0.3,
+    "refine_tv_weight": None,
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "iterations": 1000,
-        "restarts": 1,
-        "optimizer": "rmsprop",
-        "lr": 1e-4,
-        "momentum": 0.99,
-        "schedule": "constant",
-        "noise_dim": 128,
-        "distance": "l2",
-        "cosine_weight": 0.0,
-        "tv_weight": None,
-        "width": 32,
-        "labels": "learned",
-        "select": "last",
-        "generator_norm": "batch",
-        "chroma_weight": None,
-        "combine": "best",
-        "refine_iterations": 0,
-        "refine_lr": 0.3,
-        "refine_tv_weight": None,
-    },
+    "paper": _PAPER,
     # Measured on real CIFAR-10 test images, untrained lenet (benchmarks/strength_search.py, README): the
     # paper's optimiser is kept (Adam, cosine/step schedules, other lrs, a wider generator, a longer noise
     # vector, no BatchNorm were all no better); what helped is a real image prior (TV 100x stronger, on
@@ -95,25 +96,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # three restarts, and 300 plain-SGD steps on the pixels with 10x that TV. Same compute as 3000 paper
     # iterations (3 x 900 + 300 victim gradient evaluations).
     "strong": {
+        **_PAPER,
         "iterations": 900,
         "restarts": 3,
-        "optimizer": "rmsprop",
-        "lr": 1e-4,
-        "momentum": 0.99,
-        "schedule": "constant",
-        "noise_dim": 128,
-        "distance": "l2",
-        "cosine_weight": 0.0,
-        "tv_weight": None,
-        "width": 32,
         "labels": "inferred",
         "select": "best",
-        "generator_norm": "batch",
         "chroma_weight": 3.0,
         "combine": "mean",
         "refine_iterations": 300,
-        "refine_lr": 0.3,
-        "refine_tv_weight": None,
     },
 }
 
