@@ -249,6 +249,24 @@ def log_iteration(
     return value
 
 
+def attack_inputs(
+    name: str, model: nn.Module, shared_update: SharedUpdate, *, batch_size: int, eval_every: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """What every attack starts from: the model's trainable parameters and the shared gradient as detached
+    tensors on their device and dtype, after `check_reconstruct_args`."""
+    params = trainable_parameters(model)
+    shared = shared_update.as_gradient()
+    check_reconstruct_args(name, shared, params, batch_size=batch_size, eval_every=eval_every)
+    device, dtype = params[0].device, params[0].dtype
+    return params, [t.detach().to(device=device, dtype=dtype) for t in shared]
+
+
+def random_start(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """N(0, 1) values drawn on the CPU generator (so a seed gives the same start on every device), moved to
+    `like`'s device and dtype, as a leaf to optimise."""
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype).requires_grad_()
+
+
 def check_reconstruct_args(name: str, shared: Sequence[Tensor], params: Sequence[Tensor], *,
                            batch_size: int, eval_every: int) -> None:
     """ConfigError (one sentence) for settings of `reconstruct` that no attack can work with."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +23,10 @@ from grnn_engine.attacks.base import (
     ProgressFn,
     Reconstruction,
     SharedUpdate,
-    check_reconstruct_args,
+    attack_inputs,
     log_iteration,
+    random_start,
     squared_gradient_distance,
-    trainable_parameters,
     victim_gradient,
 )
 from grnn_engine.errors import ConfigError
@@ -94,15 +95,23 @@ def lbfgs_gradient_matching(
     return best.values, history
 
 
-@ATTACKS.register("dlg")
-class DLG(Attack):
-    """DLG with the authors' defaults: iterations (L-BFGS steps), max_iter (evaluations per step), lr."""
+class LbfgsAttack(Attack):
+    """DLG's settings, shared by DLG and iDLG: iterations (L-BFGS steps), max_iter (evaluations per step), lr."""
+
+    name: ClassVar[str]
 
     def __init__(self, *, iterations: int = 300, max_iter: int = 20, lr: float = 1.0) -> None:
-        check_lbfgs_settings("dlg", iterations, max_iter, lr)
+        check_lbfgs_settings(self.name, iterations, max_iter, lr)
         self.iterations = iterations
         self.max_iter = max_iter
         self.lr = lr
+
+
+@ATTACKS.register("dlg")
+class DLG(LbfgsAttack):
+    """DLG with the authors' defaults (see LbfgsAttack)."""
+
+    name = "dlg"
 
     def reconstruct(
         self,
@@ -117,13 +126,9 @@ class DLG(Attack):
         evaluate: EvaluateFn | None = None,
         eval_every: int = 50,
     ) -> Reconstruction:
-        params = trainable_parameters(model)
-        shared = shared_update.as_gradient()
-        check_reconstruct_args("dlg", shared, params, batch_size=batch_size, eval_every=eval_every)
-        device, dtype = params[0].device, params[0].dtype
-        target = [t.detach().to(device=device, dtype=dtype) for t in shared]
-        dummy = torch.randn((batch_size, *image_shape), generator=generator).to(device, dtype).requires_grad_()
-        logits = torch.randn((batch_size, num_classes), generator=generator).to(device, dtype).requires_grad_()
+        params, target = attack_inputs("dlg", model, shared_update, batch_size=batch_size, eval_every=eval_every)
+        dummy = random_start((batch_size, *image_shape), generator, like=params[0])
+        logits = random_start((batch_size, num_classes), generator, like=params[0])
         (images, best_logits), history = lbfgs_gradient_matching(
             model, params, target, dummy, logits=logits, labels=None, iterations=self.iterations,
             max_iter=self.max_iter, lr=self.lr, eval_every=eval_every, evaluate=evaluate, progress=progress,

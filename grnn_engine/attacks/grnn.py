@@ -38,12 +38,11 @@ from grnn_engine.attacks.base import (
     ProgressFn,
     Reconstruction,
     SharedUpdate,
-    check_reconstruct_args,
+    attack_inputs,
     labels_from_gradient,
     soft_cross_entropy,
     squared_gradient_distance,
     total_variation,
-    trainable_parameters,
 )
 from grnn_engine.attacks.ig import CosineDistance
 from grnn_engine.errors import ConfigError
@@ -390,9 +389,7 @@ class GRNN(Attack):
         evaluate: EvaluateFn | None = None,
         eval_every: int = 50,
     ) -> Reconstruction:
-        params = trainable_parameters(model)
-        target = [t.detach() for t in shared_update.as_gradient()]
-        check_reconstruct_args("grnn", target, params, batch_size=batch_size, eval_every=eval_every)
+        params, target = attack_inputs("grnn", model, shared_update, batch_size=batch_size, eval_every=eval_every)
         objective = _Loss(target, self.distance, self.cosine_weight)
         tv_weight = self._tv_weight(params)
         fixed_labels = None

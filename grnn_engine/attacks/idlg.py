@@ -12,27 +12,22 @@ from torch import nn
 
 from grnn_engine.attacks.base import (
     ATTACKS,
-    Attack,
     EvaluateFn,
     ProgressFn,
     Reconstruction,
     SharedUpdate,
-    check_reconstruct_args,
+    attack_inputs,
     labels_from_gradient,
-    trainable_parameters,
+    random_start,
 )
-from grnn_engine.attacks.dlg import check_lbfgs_settings, lbfgs_gradient_matching
+from grnn_engine.attacks.dlg import LbfgsAttack, lbfgs_gradient_matching
 
 
 @ATTACKS.register("idlg")
-class IDLG(Attack):
-    """iDLG with DLG's L-BFGS defaults: iterations (steps), max_iter (evaluations per step), lr."""
+class IDLG(LbfgsAttack):
+    """iDLG with DLG's L-BFGS defaults (see LbfgsAttack)."""
 
-    def __init__(self, *, iterations: int = 300, max_iter: int = 20, lr: float = 1.0) -> None:
-        check_lbfgs_settings("idlg", iterations, max_iter, lr)
-        self.iterations = iterations
-        self.max_iter = max_iter
-        self.lr = lr
+    name = "idlg"
 
     def reconstruct(
         self,
@@ -47,15 +42,11 @@ class IDLG(Attack):
         evaluate: EvaluateFn | None = None,
         eval_every: int = 50,
     ) -> Reconstruction:
-        params = trainable_parameters(model)
-        shared = shared_update.as_gradient()
-        check_reconstruct_args("idlg", shared, params, batch_size=batch_size, eval_every=eval_every)
-        device, dtype = params[0].device, params[0].dtype
-        target = [t.detach().to(device=device, dtype=dtype) for t in shared]
+        params, target = attack_inputs("idlg", model, shared_update, batch_size=batch_size, eval_every=eval_every)
         labels = labels_from_gradient(
             model, target, batch_size=batch_size, image_shape=image_shape, generator=generator
         )
-        dummy = torch.randn((batch_size, *image_shape), generator=generator).to(device, dtype).requires_grad_()
+        dummy = random_start((batch_size, *image_shape), generator, like=params[0])
         (images,), history = lbfgs_gradient_matching(
             model, params, target, dummy, logits=None, labels=labels, iterations=self.iterations,
             max_iter=self.max_iter, lr=self.lr, eval_every=eval_every, evaluate=evaluate, progress=progress,

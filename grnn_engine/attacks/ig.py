@@ -28,11 +28,11 @@ from grnn_engine.attacks.base import (
     ProgressFn,
     Reconstruction,
     SharedUpdate,
-    check_reconstruct_args,
+    attack_inputs,
     labels_from_gradient,
     log_iteration,
+    random_start,
     total_variation,
-    trainable_parameters,
     victim_gradient,
 )
 from grnn_engine.errors import ConfigError
@@ -111,11 +111,7 @@ class InvertingGradients(Attack):
         evaluate: EvaluateFn | None = None,
         eval_every: int = 50,
     ) -> Reconstruction:
-        params = trainable_parameters(model)
-        shared = shared_update.as_gradient()
-        check_reconstruct_args("ig", shared, params, batch_size=batch_size, eval_every=eval_every)
-        device, dtype = params[0].device, params[0].dtype
-        target = [t.detach().to(device=device, dtype=dtype) for t in shared]
+        params, target = attack_inputs("ig", model, shared_update, batch_size=batch_size, eval_every=eval_every)
         labels = labels_from_gradient(
             model, target, batch_size=batch_size, image_shape=image_shape, generator=generator
         )
@@ -151,9 +147,8 @@ class InvertingGradients(Attack):
         progress: ProgressFn | None,
     ) -> tuple[Tensor, float]:
         """One optimisation from a fresh random start: (best images, their gradient loss)."""
-        device, dtype = params[0].device, params[0].dtype
         steps = self.steps_per_restart
-        x = torch.randn((batch_size, *image_shape), generator=generator).to(device, dtype).requires_grad_()
+        x = random_start((batch_size, *image_shape), generator, like=params[0])
         optimizer = torch.optim.Adam([x], lr=self.lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=[steps * 3 // 8, steps * 5 // 8, steps * 7 // 8], gamma=0.1
