@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from grnn_engine.cli_values import one_line
 from grnn_engine.errors import ConfigError, GrnnError
 from grnn_engine.trial_spec import SEED_MAX  # noqa: E402  (the bound the sweep spec uses too)
 
@@ -23,12 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {one_line(message)} (see --help)\n")
-
-
-def one_line(text: str) -> str:
-    """`text` on one printable line: control characters a user typed into a value (a newline, a carriage
-    return, a lone surrogate from undecodable bytes) are shown escaped, as repr() would."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Parsing KEY=VALUE command-line settings into typed values."""
+"""Parsing KEY=VALUE command-line settings into typed values, and printing a user's value in an error."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from typing import Any
 import yaml
 
 from grnn_engine.errors import ConfigError
+
+
+def one_line(text: str) -> str:
+    """`text` on one printable line: control characters a user typed into a value (a newline, a carriage
+    return, a lone surrogate from undecodable bytes) are shown escaped, as repr() would. Every command line
+    prints its error through this, so an error is always one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_value(text: str) -> Any:

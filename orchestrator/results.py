@@ -7,7 +7,8 @@
 
 Every file is written to a hidden temporary name in the same folder, fsynced, then renamed over its
 final name, so a crash (even SIGKILL) leaves either the old file or the new one, never a torn one;
-loaders ignore the hidden temporaries. Parts are the source of truth: compaction never deletes them,
+loaders ignore the hidden temporaries, and the next sweep run removes those of dead writers
+(`remove_temporaries`). Parts are the source of truth: compaction never deletes them,
 and `load()` falls back to reading them when trials.parquet is missing or older than the newest part.
 """
 
@@ -301,6 +302,26 @@ class Ledger:
 
     def image_path(self, key: str) -> Path:
         return self.images_dir / f"{key}.png"
+
+    def remove_temporaries(self, older_than_ns: int) -> int:
+        """Delete the hidden `.<name>.<pid>.tmp` files of writers that died before their rename (every reader
+        ignores them, but they would stay for good); returns how many. Only files last written before
+        `older_than_ns` (time.time_ns()): pass the start of the run, so that a write still in progress (a
+        `--compact` or a report run beside the sweep) is never pulled from under its writer."""
+        removed = 0
+        for folder in (self.folder, self.parts_dir, self.images_dir):
+            try:
+                names = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for path in names:
+                try:
+                    if path.is_file() and not path.is_symlink() and path.stat().st_mtime_ns < older_than_ns:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                    continue
+        return removed
 
     # compaction and loading ------------------------------------------------------------------------
     def _newest_part_ns(self, parts: Iterable[Path]) -> int:

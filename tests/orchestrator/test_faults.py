@@ -113,8 +113,10 @@ def start_sweep(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.Po
 
 
 def kill_sweep(driver: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the driver, then everything of its Ray, and wait until none of it runs any more."""
-    os.kill(driver.pid, signal.SIGKILL)
+    """SIGKILL the driver (unless it ended already), then everything of its Ray, and wait until none of
+    it runs any more."""
+    if driver.poll() is None:  # an ended driver's pid may belong to another process by now
+        os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     try:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -223,10 +225,13 @@ def killed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     t1 = time.monotonic()
     proc = rerun(cmd, env)
     print(f"faults fixture: killed run + torn write {t1 - t0:.0f} s, resumed run {time.monotonic() - t1:.0f} s")
+    # Tune's experiment folders: the killed driver's one too, which the resumed run must have removed.
+    tune_folders = sorted(p.name for p in Path(env["RAY_TMPDIR"]).glob("grnn-tune-*"))
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     yield {
         "spec": spec, "folder": folder, "cells": cells, "seed": seed, "before": before,
         "log": read_log(log), "log_at_kill": log_at_kill, "torn": torn, "temporaries": temporaries,
+        "tune_folders": tune_folders,
         "rows_with_temp": rows_with_temp, "compacted_with_temp": compacted_with_temp, "rerun": proc,
         "df": load(folder), "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
     }
@@ -272,20 +277,20 @@ def test_torn_write_leaves_only_a_temporary_that_is_ignored_and_the_cell_reruns(
     assert count(s["log"][s["log_at_kill"]:], "start")[torn] == 1
     row = s["df"].set_index("trial_key").loc[torn]
     assert row["psnr"] != 99.0 and (s["folder"] / "parts" / f"{torn}.parquet").is_file()
+    # The resumed run removed the dead writer's temporary.
+    assert not [f for f in s["files"] if f.startswith(f"parts/.{torn}.")], s["files"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.run_cells keeps Tune's experiment folder (.tune/run-<time>-<pid>/, tuner.pkl included) inside the "
-    "results folder and deletes it only when the run ends: a killed driver leaves it there for good. Give "
-    "Tune a temporary storage folder outside the results, or remove run folders of dead drivers at start"))
 def test_a_killed_sweep_leaves_only_ledger_files(killed_sweep: dict[str, Any]) -> None:
-    # After the resume: the spec, the table, one part and at most one image per cell, and the torn write's
-    # temporary (ignored by every reader). Nothing a later run would have to read, unpickle or clean up.
+    # After the resume: the spec, the table, one part and at most one image per cell. Nothing a later run
+    # would have to read, unpickle or clean up: Tune's experiment folders (tuner.pkl) never were in the
+    # results, and the killed driver's one, in Ray's temp folder, was removed by the resumed run.
     s = killed_sweep
     keys = set(s["df"]["trial_key"])
     allowed = {"spec.yaml", "trials.parquet"} | {f"parts/{k}.parquet" for k in keys} | {f"images/{k}.png" for k in keys}
-    extra = [f for f in s["files"] if f not in allowed and not f.startswith(f"parts/.{s['torn']}.")]
+    extra = [f for f in s["files"] if f not in allowed]
     assert extra == [], extra[:10]
+    assert s["tune_folders"] == [], s["tune_folders"]
 
 
 def _row(df: Any, mode: str) -> Any:
@@ -344,6 +349,74 @@ def test_a_real_divergence_to_nan_is_a_nonfinite_row(killed_sweep: dict[str, Any
     row = df[(df["attack"] == "grnn") & (df["attack.lr"] == 1.0e30)].iloc[0]
     assert row["status"] == "FAILED"
     assert row["error_type"] == "NonFinite"
+
+
+# ---------------------------------------------------------------------------------------------- fast: watchdog
+
+
+def test_the_watchdog_raises_after_an_import_not_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline passes while this thread imports a module that is busy in Python bytecode: the timeout
+    # must land after the import, which completes, not inside it (that would leave it half-imported).
+    from orchestrator.runner import TrialTimeout, Watchdog
+
+    name = f"grnn_wd_slow_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(
+        "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end:\n    pass\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    watchdog = Watchdog(0.2, grace_s=600)
+    imported = False
+    try:
+        watchdog.start()
+        __import__(name)
+        imported = True
+        while True:  # the deferred timeout arrives in the next bytecodes after the import
+            sum(range(100))
+    except TrialTimeout:
+        pass
+    finally:
+        watchdog.stop()
+        module = sys.modules.pop(name, None)
+    assert imported and watchdog.fired and watchdog.deferred
+    assert module is not None and module.DONE
+
+
+# ---------------------------------------------------------------------------------------------- fast: stage objects
+
+
+def test_a_stage_object_that_cannot_be_fetched_is_loaded_from_the_cache(
+    tmp_path: Path, ray_session: None, make_spec: Any
+) -> None:
+    # What a trial meets when the object holding its stage is gone (its node lost): it loads the same
+    # stage through the content-addressed cache instead of waiting for Ray to rebuild it.
+    import ray
+    import torch
+
+    from grnn_engine import fl
+    from orchestrator import runner
+    from orchestrator.spec import load_spec
+
+    fast_fl = {"clients": 2, "local_epochs": 1, "local_batch_size": 128, "local_lr": 1.0}
+    spec = make_spec(tmp_path / "s.yaml", name="stage", fl=fast_fl, grid={"fl_round": [1], "seed": [0]})
+    cell = load_spec(spec).cells()[0]
+    plan = runner.prepare_stages([cell], cache_dir=str(tmp_path / "cache"))
+    assert len(plan.refs) == 1 and not plan.errors
+    fetched = plan.load(cell).stage
+    assert fetched is not None
+
+    @ray.remote
+    def lost() -> None:
+        raise RuntimeError("the node that held this stage is gone (test)")
+
+    stage_id = next(iter(plan.refs))
+    plan.refs[stage_id] = lost.remote()
+    trained = fl.chains_trained
+    loaded = plan.load(cell).stage
+    assert loaded is not None and fl.chains_trained == trained  # from the cache, not trained again
+    assert loaded["model_acc"] == fetched["model_acc"]
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in fetched["state_dict"].items())
 
 
 # ---------------------------------------------------------------------------------------------- fast: disk
@@ -483,12 +556,6 @@ def test_hangs_and_a_dead_worker_become_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.Watchdog raises TrialTimeout asynchronously wherever the trial is, also inside an import: the "
-    "interrupted package stays half-imported in the reused worker (sys.modules keeps its submodules), and "
-    "the next trial on that actor fails with 'partially initialized module' (seen here with torch._dynamo "
-    "on a cold worker). Defer the raise while an import runs (importlib._bootstrap._module_locks non-empty), "
-    "or retire the actor after its watchdog fired"))
 def test_a_timeout_inside_an_import_does_not_break_the_next_trial(tmp_path: Path) -> None:
     # One slot, so the three cells run in order on one reused worker: a warm-up, a trial whose timeout
     # lands inside a slow import (busy for 40 s), and a trial that imports the same package.
@@ -502,9 +569,15 @@ def test_a_timeout_inside_an_import_does_not_break_the_next_trial(tmp_path: Path
     rerun([sys.executable, "-m", "orchestrator.sweep", str(spec), "--results", str(results)], env)
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     df = load(results / "imports")
-    assert _row(df, "slow_import")["status"] == "TIMEOUT"
+    slow = _row(df, "slow_import")
+    assert (slow["status"], slow["error_type"]) == ("TIMEOUT", "Timeout")
+    assert f"trial_timeout_s={HANG_TIMEOUT_S}" in slow["error"]
     after = _row(df, "import")
     assert after["status"] == "COMPLETE", after["error"]
+    # One worker ran all three: the timed-out one did not end its process (the raise waited for the import).
+    starts = [(k, pid) for e, k, pid in read_log(Path(env["GRNN_FAULTS_TRIAL_LOG"])) if e == "start"]
+    assert len(starts) == 3 and len({pid for _, pid in starts}) == 1, starts
+    report(test="timeout_in_import", rows=len(df), next_trial=after["status"])
 
 
 NODE_LOSS = """
@@ -548,12 +621,6 @@ cluster.shutdown()
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.prepare_stages leaves each FL stage as a Ray object on the node whose task computed it; when that "
-    "node is lost, a trial blocks in ray.get while Ray rebuilds the stage with a task that needs the CPU the "
-    "waiting trial's actor holds, and the lost node's trial waits for a CPU too: the sweep hangs. Have the "
-    "driver own the stages (ray.get + ray.put in prepare_stages), or fetch them in the trial with a timeout "
-    "and fall back to fl.stage_for_trial"))
 def test_lost_worker_node_trials_are_retried_elsewhere(tmp_path: Path) -> None:
     cells = 6
     env = fault_env(tmp_path)

@@ -1,0 +1,32 @@
+"""The sweep, status and report command lines print an error as ONE line and exit 2, even when the value
+the user gave holds a newline or another control character (shown escaped, as the one-trial CLI does)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from orchestrator import report, status, sweep
+
+MAINS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "sweep": sweep.main,
+    "status": status.main,
+    "report": report.main,
+}
+
+
+@pytest.mark.parametrize("command", list(MAINS))
+@pytest.mark.parametrize("control", ["\n", "\r", "\x1b[2J"])
+def test_an_error_about_a_value_with_a_control_character_is_one_line(
+    command: str, control: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a spec (sweep) or results folder (status, report) that is not there
+    value = str(tmp_path / f"no{control}such.yaml")
+    assert MAINS[command]([value]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert control not in err[:-1]
+    assert str(tmp_path / "no") in err and repr(control)[1:-1] + "such.yaml" in err  # the value, escaped
