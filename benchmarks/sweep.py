@@ -4,6 +4,8 @@ The sweep: digits, lenet, GRNN (paper loop), B = 1, `--cells` seeds, `--iteratio
 (a few seconds each). Phases (`--phases`, all by default):
 - ray1, ray2: the runner (orchestrator.runner.run_cells, as `python -m orchestrator.sweep` drives it) on an
   embedded Ray with 1 and 2 CPUs, one CPU per trial;
+- ray2pack: the same as ray2 with `pack: N` (`--pack`, default 3): N cells per Ray trial, run together by
+  grnn_engine.batched (orchestrator.packing); trials per hour still count cells;
 - cluster: the same on a ray.cluster_utils.Cluster of 2 worker nodes x 1 CPU (head with 0 CPUs);
 - mp: a plain multiprocessing pool of 2 processes calling run_trial, the floor any scheduler is held to;
 - batched: in this process, 1 thread, trials per hour of run_trial one by one against
@@ -24,7 +26,8 @@ The machine this runs on may be shared: the load average is printed at the start
 quote it beside any figure. Ends with one JSON line (`efficiency_2cpu`, `overhead_frac`, `trials_per_hour`,
 and the other figures).
 
-Usage: python benchmarks/sweep.py [--cells 6] [--iterations 100] [--phases ray1 ray2 cluster mp batched]
+Usage: python benchmarks/sweep.py [--cells 6] [--iterations 100] [--pack 3]
+                                 [--phases ray1 ray2 ray2pack cluster mp batched]
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from grnn_engine.batched import run_trials_batched
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-PHASES = ("ray1", "ray2", "cluster", "mp", "batched")
+PHASES = ("ray1", "ray2", "ray2pack", "cluster", "mp", "batched")
 REFERENCE_TRIAL_S = 10.0  # the issue's goal: Ray overhead < 5% of a 10-second trial
 PACKS = (1, 4, 16)
 
@@ -112,8 +115,12 @@ def timed_ledger() -> Iterator[dict[str, dict[str, float]]]:
 
 
 def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | None = None,
-              cluster_nodes: int = 0) -> dict[str, Any]:
-    """Run `cells` through run_cells on an embedded Ray (num_cpus) or a local multi-node cluster."""
+              cluster_nodes: int = 0, pack: int = 1) -> dict[str, Any]:
+    """Run `cells` through run_cells on an embedded Ray (num_cpus) or a local multi-node cluster.
+
+    With pack > 1 a Ray trial holds several cells, so only the sweep-level figures are kept (trials per
+    hour and efficiency, counted in cells); per-trial overheads are those of packs, not comparable.
+    """
     import ray
 
     from orchestrator import runner
@@ -137,7 +144,7 @@ def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | 
             runner.start_ray(num_cpus=num_cpus, temp_dir=ray_tmp)
         ray_start_s = time.monotonic() - t0
         ledger = Ledger(work / name, sweep=name)
-        options = runner.RunOptions(name=name, cpu=1.0)
+        options = runner.RunOptions(name=name, cpu=1.0, pack=pack)
         if hasattr(options, "cache_dir"):
             # A fresh stage cache per phase: every phase prepares the same stages, none inherits another's.
             options.cache_dir = str(work / f"{name}-stages")
@@ -153,6 +160,17 @@ def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | 
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if summary.complete != len(cells):
         print(f"# {name}: only {summary.complete} of {len(cells)} trials completed (see {ledger.folder})")
+    if pack > 1:
+        # `times` holds Ray trials (packs); the cells' engine time is the rows' wall_s, summed by the summary.
+        spans = [t for t in times.values() if {"start", "end"} <= set(t)]
+        first, last = min(t["start"] for t in spans), max(t["end"] for t in spans)
+        print(f"# {name}: done; {load()}", flush=True)
+        return {
+            "trials": summary.ran, "slots": summary.slots, "wall_s": wall, "ray_start_s": ray_start_s,
+            "trials_per_hour": summary.ran / wall * 3600, "efficiency": summary.trial_wall_s / (summary.slots * wall),
+            "efficiency_steady": summary.trial_wall_s / (summary.slots * (last - first)),
+            "before_first_trial_s": first - call,
+        }  # fmt: skip
     timed = [t for t in times.values() if {"start", "end", "engine_s"} <= set(t)]
     overheads = [t["end"] - t["start"] - t["engine_s"] for t in timed]
     engine = [t["engine_s"] for t in timed]
@@ -245,6 +263,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100, help="GRNN iterations per trial")
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--batched-iterations", type=int, default=30)
+    parser.add_argument("--pack", type=int, default=3, help="cells per Ray trial in the ray2pack phase")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -258,6 +277,8 @@ def main() -> None:
             rows["ray 1 CPU"] = ray_phase("ray1", cells, work, num_cpus=1)
         if "ray2" in args.phases:
             rows["ray 2 CPUs"] = ray_phase("ray2", cells, work, num_cpus=2)
+        if "ray2pack" in args.phases:
+            rows[f"ray2 pack{args.pack}"] = ray_phase("ray2pack", cells, work, num_cpus=2, pack=args.pack)
         if "cluster" in args.phases:
             rows["cluster 2x1"] = ray_phase("cluster", cells, work, cluster_nodes=2)
         if "mp" in args.phases:
@@ -278,12 +299,15 @@ def main() -> None:
                             for k, v in batched.items() if k != "one_by_one"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    keys = {"ray 1 CPU": "1cpu", "ray 2 CPUs": "2cpu", "cluster 2x1": "cluster_2x1", "mp pool 2": "mp_2"}
+    keys = {"ray 1 CPU": "1cpu", "ray 2 CPUs": "2cpu", "cluster 2x1": "cluster_2x1", "mp pool 2": "mp_2",
+            f"ray2 pack{args.pack}": f"2cpu_pack{args.pack}"}
     for mode, r in rows.items():
         figures[f"efficiency_{keys[mode]}"] = round(r["efficiency"], 3)
         if "efficiency_steady" in r:
             figures[f"efficiency_steady_{keys[mode]}"] = round(r["efficiency_steady"], 3)
         figures[f"trials_per_hour_{keys[mode]}"] = round(r["trials_per_hour"])
+    if f"ray2 pack{args.pack}" in rows:  # beside trials_per_hour: the same sweep on 2 CPUs, packed
+        figures[f"trials_per_hour_pack{args.pack}"] = round(rows[f"ray2 pack{args.pack}"]["trials_per_hour"])
     if "ray 2 CPUs" in rows:
         r = rows["ray 2 CPUs"]
         figures["trials_per_hour"] = round(r["trials_per_hour"])

@@ -10,7 +10,7 @@ gives about 1x (measured in benchmarks/sweep.py); the gain is on GPUs.
 
 Why the results equal `run_trial(spec)` one by one (within float tolerance, tested):
 - everything outside the attack loop (data, victim, client update, defense, scoring) runs per trial
-  with the same functions and random streams as run_trial;
+  through the same functions as run_trial (grnn_engine.trial.prepare_trial and finish_trial);
 - vmap gives each trial its own slice of every operator; nothing mixes trials. GRNN's generator runs
   BatchNorm in train mode: its statistics are taken over the trial's own batch inside vmap, exactly as
   in the one-trial loop (its running averages are never read in train mode, so they are dropped);
@@ -32,7 +32,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 from grnn_engine.attacks.base import (
     ATTACKS,
     BestIterate,
-    SharedUpdate,
+    Reconstruction,
     check_reconstruct_args,
     labels_from_gradient,
     soft_cross_entropy,
@@ -53,12 +52,9 @@ from grnn_engine.attacks.base import (
 from grnn_engine.attacks.grnn import GRNN, GrnnGenerator
 from grnn_engine.attacks.grnn import PRESETS as GRNN_PRESETS
 from grnn_engine.attacks.ig import CosineDistance, InvertingGradients
-from grnn_engine.data import ImageSet, load_dataset, select_batch
-from grnn_engine.defenses import DEFENSES, ClientBatch
 from grnn_engine.errors import ConfigError
-from grnn_engine.metrics import matched_psnr, score
-from grnn_engine.result import COMPLETE, FAILED, TrialResult
-from grnn_engine.trial import _DEFENSE_STREAM, client_update, global_model, image_grid_png, resolve_device
+from grnn_engine.result import TrialResult
+from grnn_engine.trial import PreparedTrial, finish_trial, prepare_trial
 from grnn_engine.trial_spec import TrialSpec
 
 __all__ = ["BATCHED_ATTACKS", "batch_refusal", "compatible_groups", "run_trials_batched"]
@@ -127,97 +123,6 @@ def compatible_groups(specs: Sequence[TrialSpec], pack: int) -> list[list[TrialS
     return groups
 
 
-# --- per-trial preparation and scoring: the steps of run_trial around the attack loop --------------
-
-
-@dataclass
-class _Trial:
-    """One trial up to its attack: what run_trial has computed when it calls attack.reconstruct."""
-
-    spec: TrialSpec
-    start: float
-    device: torch.device
-    images_set: ImageSet
-    images: Tensor
-    labels: Tensor
-    indices: list[int]
-    identifier: Any
-    model: nn.Module
-    model_acc: float | None
-    model_loss: float | None
-    generator: torch.Generator
-    shared: SharedUpdate
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def evaluate(self, candidate: Tensor) -> float:
-        return matched_psnr(candidate, self.images)
-
-
-def _image_shape(trial: _Trial) -> tuple[int, int, int]:
-    channels, height, width = trial.images.shape[1:]
-    return int(channels), int(height), int(width)
-
-
-def _prepare(spec: TrialSpec, stage_state: dict[str, Any] | None = None) -> _Trial:
-    """run_trial's steps before the attack, with the same functions and random streams."""
-    start = time.perf_counter()
-    device = resolve_device(spec.device)
-    ATTACKS.create(spec.attack, **spec.attack_params)  # same errors, in the same order, as run_trial
-    defense = DEFENSES.create(spec.defense, **spec.defense_params)
-    images_set = load_dataset(
-        spec.dataset, root=spec.data_root, split=spec.split, image_size=spec.image_size, download=spec.download
-    )
-    images, labels, indices = select_batch(
-        images_set, spec.batch_size, spec.seed, indices=spec.indices, distinct_labels=spec.distinct_labels
-    )
-    identifier = None
-    reid = getattr(spec, "reid", None)
-    if reid is not None:
-        from grnn_engine.reid import fit_identifier  # only face trials need it
-
-        identifier = fit_identifier(
-            reid, spec.reid_params, dataset=spec.dataset, image_size=spec.image_size, split=spec.split,
-            indices=indices, attacked=images, seed=spec.seed, root=spec.data_root,
-        )
-    images, labels = images.to(device), labels.to(device)
-    model, model_acc, model_loss = global_model(spec, images_set, device, stage_state)
-    generator = torch.Generator().manual_seed(spec.seed)
-    defense_generator = torch.Generator().manual_seed(spec.seed + _DEFENSE_STREAM)
-    update = client_update(model, images, labels, spec.update, spec.update_params)
-    shared = defense.apply(update, client=ClientBatch(model, images, labels), generator=defense_generator)
-    return _Trial(
-        spec=spec, start=start, device=device, images_set=images_set, images=images, labels=labels,
-        indices=list(indices), identifier=identifier, model=model, model_acc=model_acc, model_loss=model_loss,
-        generator=generator, shared=shared,
-    )
-
-
-def _finish(trial: _Trial, images: Tensor, labels: Tensor, attack_s: float, iterations: int) -> TrialResult:
-    """run_trial's steps after the attack: score, image grid, non-finite checks."""
-    spec = trial.spec
-    iterations = int(trial.history[-1]["iteration"]) if trial.history else iterations
-    result = TrialResult(
-        spec=spec, status=COMPLETE, model_acc=trial.model_acc, model_loss=trial.model_loss, attack_s=attack_s,
-        iterations=iterations, device=str(trial.device), history=trial.history,
-    )
-    if not torch.isfinite(images).all():
-        result.status, result.error_type = FAILED, "NonFinite"
-        result.error = f"{spec.attack} produced non-finite images"
-    else:
-        s = score(images, labels, trial.images, trial.labels, success_psnr=spec.success_psnr)
-        result.metrics = {**s.__dict__, "indices": trial.indices}
-        result.image_png = image_grid_png(trial.images, images[s.matching])
-        if trial.identifier is not None:
-            from grnn_engine.reid import reid_metrics
-
-            matched = images[s.matching]
-            result.metrics.update(reid_metrics(trial.identifier, matched, trial.images, trial.labels, seed=spec.seed))
-        if not result.is_finite():
-            result.status, result.error_type = FAILED, "NonFinite"
-            result.error = f"{spec.attack} scored non-finite metrics"
-    return result
-
-
 # --- stacking models for functional_call -------------------------------------------------------------
 
 
@@ -271,8 +176,11 @@ def _check_group(specs: Sequence[TrialSpec]) -> None:
             )
 
 
-def _log(trials: Sequence[_Trial], active: list[bool], iteration: int, iterations: int, losses: Tensor,
-         images: Tensor, progress: ProgressFn | None, clamp: bool) -> None:
+History = list[dict[str, float]]
+
+
+def _log(trials: Sequence[PreparedTrial], histories: list[History], active: list[bool], iteration: int,
+         iterations: int, losses: Tensor, images: Tensor, progress: ProgressFn | None, clamp: bool) -> None:
     """History entries at a logging iteration for every trial still running; stops those that diverged."""
     values = losses.detach().cpu().tolist()  # one host sync for all trials
     for i, trial in enumerate(trials):
@@ -281,7 +189,7 @@ def _log(trials: Sequence[_Trial], active: list[bool], iteration: int, iteration
         entry: dict[str, float] = {"iteration": iteration, "grad_loss": float(values[i])}
         candidate = images[i].detach()
         entry["psnr"] = trial.evaluate(candidate.clamp(0, 1) if clamp else candidate)
-        trial.history.append(entry)
+        histories[i].append(entry)
         if progress is not None:
             progress({**entry, "iterations": iterations, "pack_index": i, "trial_key": trial.spec.key()})
         if not math.isfinite(entry["grad_loss"]):
@@ -292,13 +200,13 @@ def _log(trials: Sequence[_Trial], active: list[bool], iteration: int, iteration
 
 
 def _grnn_batched(
-    attack: GRNN, trials: Sequence[_Trial], progress: ProgressFn | None
-) -> list[tuple[Tensor, Tensor]]:
-    """GRNN's paper loop (GRNN._one_restart with one restart) for every trial at once: (images, labels)."""
+    attack: GRNN, trials: Sequence[PreparedTrial], progress: ProgressFn | None
+) -> list[Reconstruction]:
+    """GRNN's paper loop (GRNN._one_restart with one restart) for every trial at once."""
     spec = trials[0].spec
     device = trials[0].device
-    num_classes = trials[0].images_set.num_classes
-    image_shape = _image_shape(trials[0])
+    num_classes = trials[0].num_classes
+    image_shape = trials[0].image_shape
     batch, steps, eval_every = spec.batch_size, attack.steps_per_restart, spec.eval_every
     nets, noises, targets = [], [], []
     for trial in trials:
@@ -344,6 +252,7 @@ def _grnn_batched(
     params = list(weights.values())
     n = len(trials)
     active = [True] * n
+    histories: list[History] = [[] for _ in range(n)]
     final_images: list[Tensor | None] = [None] * n
     final_soft: list[Tensor | None] = [None] * n
     images = soft_labels = torch.empty(0)
@@ -354,7 +263,7 @@ def _grnn_batched(
         optimizer.step()
         if it % eval_every == 0 or it == steps:
             was_active = list(active)
-            _log(trials, active, it, attack.iterations, squared, images, progress, clamp=False)
+            _log(trials, histories, active, it, attack.iterations, squared, images, progress, clamp=False)
             for i in range(n):
                 if was_active[i] and not active[i]:  # diverged: the one-trial loop stops here
                     final_images[i], final_soft[i] = images[i].detach(), soft_labels[i].detach()
@@ -365,7 +274,7 @@ def _grnn_batched(
         img = final_images[i] if final_images[i] is not None else images[i].detach()
         soft = final_soft[i] if final_soft[i] is not None else soft_labels[i].detach()
         assert img is not None and soft is not None
-        out.append((img.clamp(0, 1), soft.argmax(dim=1)))
+        out.append(Reconstruction(img.clamp(0, 1), soft.argmax(dim=1), histories[i]))
     return out
 
 
@@ -373,12 +282,12 @@ def _grnn_batched(
 
 
 def _ig_batched(
-    attack: InvertingGradients, trials: Sequence[_Trial], progress: ProgressFn | None
-) -> list[tuple[Tensor, Tensor]]:
-    """InvertingGradients.reconstruct (every restart) for every trial at once: (images, labels)."""
+    attack: InvertingGradients, trials: Sequence[PreparedTrial], progress: ProgressFn | None
+) -> list[Reconstruction]:
+    """InvertingGradients.reconstruct (every restart) for every trial at once."""
     spec = trials[0].spec
     device = trials[0].device
-    image_shape = _image_shape(trials[0])
+    image_shape = trials[0].image_shape
     batch, steps, eval_every = spec.batch_size, attack.steps_per_restart, spec.eval_every
     victims = _StackedVictims([t.model for t in trials])
     dtype = victims.trainable[victims.names[0]].dtype
@@ -417,6 +326,7 @@ def _ig_batched(
     n = len(trials)
     best_images: list[Tensor | None] = [None] * n
     best_losses = [math.inf] * n
+    histories: list[History] = [[] for _ in range(n)]  # one per trial, across its restarts
     for restart in range(attack.restarts):
         x = torch.stack([
             torch.randn((batch, *image_shape), generator=t.generator) for t in trials
@@ -444,7 +354,7 @@ def _ig_batched(
                 x.clamp_(0, 1)
             if log_now:
                 was_active = list(active)
-                _log(trials, active, offset + it, attack.iterations, distance, before, progress, clamp=True)
+                _log(trials, histories, active, offset + it, attack.iterations, distance, before, progress, clamp=True)
                 for i in range(n):
                     if was_active[i] and not active[i]:
                         frozen[i] = (best.values[0][i].clone(), float(best.loss[i]))
@@ -457,9 +367,9 @@ def _ig_batched(
             if best_images[i] is None or loss_i < best_losses[i]:
                 best_images[i], best_losses[i] = images_i, loss_i
     out = []
-    for img, y in zip(best_images, labels, strict=True):
+    for img, y, history in zip(best_images, labels, histories, strict=True):
         assert img is not None
-        out.append((img.clamp(0, 1), y.long()))
+        out.append(Reconstruction(img.clamp(0, 1), y.long(), history))
     return out
 
 
@@ -498,8 +408,8 @@ def run_trials_batched(
     if len(states) != len(specs):
         raise ConfigError(f"run_trials_batched got {len(states)} stage_states for {len(specs)} specs; give one per spec")
     start = time.perf_counter()
-    trials = [_prepare(spec, state) for spec, state in zip(specs, states, strict=True)]
-    attack = ATTACKS.create(specs[0].attack, **specs[0].attack_params)
+    trials = [prepare_trial(spec, state) for spec, state in zip(specs, states, strict=True)]
+    attack = trials[0].attack  # the same settings for every trial (_check_group)
     attack_start = time.perf_counter()
     with torch.enable_grad():
         if isinstance(attack, GRNN):
@@ -509,7 +419,7 @@ def run_trials_batched(
         else:  # pragma: no cover  (batch_refusal lets only the attacks above through)
             raise ConfigError(f"attack '{specs[0].attack}' has no batched loop")
     attack_s = (time.perf_counter() - attack_start) / len(trials)
-    results = [_finish(t, images, labels, attack_s, attack.iterations) for t, (images, labels) in zip(trials, answers, strict=True)]
+    results = [finish_trial(t, recon, attack_s) for t, recon in zip(trials, answers, strict=True)]
     wall_s = (time.perf_counter() - start) / len(trials)
     for result in results:
         result.wall_s = wall_s

@@ -1,4 +1,8 @@
-"""run_trial: the one function that wires data -> victim/stage -> client update -> defense -> attack -> score."""
+"""run_trial: the one function that wires data -> victim/stage -> client update -> defense -> attack -> score.
+
+The steps around the attack loop are public (`prepare_trial`, `finish_trial`) so that every executor
+(run_trial here, the batched executor in grnn_engine.batched) prepares and scores a trial the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,20 @@ import copy
 import io
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from grnn_engine.attacks.base import ATTACKS, SharedUpdate, soft_cross_entropy, trainable_parameters
+from grnn_engine.attacks.base import (
+    ATTACKS,
+    Attack,
+    Reconstruction,
+    SharedUpdate,
+    soft_cross_entropy,
+    trainable_parameters,
+)
 from grnn_engine.data import ImageSet, load_dataset, select_batch
 from grnn_engine.defenses import DEFENSES, ClientBatch
 from grnn_engine.errors import ConfigError
@@ -110,12 +122,51 @@ def global_model(
     return model.to(device), acc, loss
 
 
-def run_trial(
-    spec: TrialSpec, stage_state: dict[str, Any] | None = None, progress: ProgressFn | None = None
-) -> TrialResult:
-    """Run one attack trial and score it. Raises ConfigError/DataError for bad settings or missing data.
+@dataclass
+class PreparedTrial:
+    """One trial up to its attack: what every executor (run_trial, grnn_engine.batched) hands the attack loop.
 
-    A trial whose reconstruction scores NaN/inf is returned with status FAILED (error_type NonFinite).
+    Everything here is computed per trial with the same functions and random streams, whichever executor
+    runs the attack, so that a trial's result does not depend on how it was run.
+    """
+
+    spec: TrialSpec
+    start: float  # perf_counter() when preparation began: the trial's wall time counts from here
+    device: torch.device
+    attack: Attack
+    images_set: ImageSet
+    images: Tensor  # the private batch, on `device`
+    labels: Tensor
+    indices: list[int]
+    identifier: Any  # the face identifier of a reid trial, else None
+    model: nn.Module  # the global model being attacked, eval mode, on `device`
+    model_acc: float | None
+    model_loss: float | None
+    generator: torch.Generator  # the attack's random stream
+    shared: SharedUpdate  # what the client sent, after the defense
+
+    @property
+    def num_classes(self) -> int:
+        return self.images_set.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.images.shape[1:]
+        return int(channels), int(height), int(width)
+
+    def evaluate(self, candidate: Tensor) -> float:
+        """PSNR of an iterate against the truth, matched (the attack's `evaluate` callback)."""
+        # A diverged iterate cannot be matched (the assignment needs finite costs); its PSNR is NaN.
+        if not torch.isfinite(candidate).all():
+            return float("nan")
+        return matched_psnr(candidate, self.images)
+
+
+def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) -> PreparedTrial:
+    """The steps before the attack: data, identifier, victim/stage, client update, defense.
+
+    Raises ConfigError/DataError for bad settings or missing data, in this order: device, attack, defense,
+    data, identifier, victim.
     """
     start = time.perf_counter()
     device = resolve_device(spec.device)
@@ -144,40 +195,57 @@ def run_trial(
     defense_generator = torch.Generator().manual_seed(spec.seed + _DEFENSE_STREAM)
     update = client_update(model, images, labels, spec.update, spec.update_params)
     shared = defense.apply(update, client=ClientBatch(model, images, labels), generator=defense_generator)
+    return PreparedTrial(
+        spec=spec, start=start, device=device, attack=attack, images_set=images_set, images=images,
+        labels=labels, indices=list(indices), identifier=identifier, model=model, model_acc=model_acc,
+        model_loss=model_loss, generator=generator, shared=shared,
+    )  # fmt: skip
 
-    def evaluate(candidate: Tensor) -> float:
-        # A diverged iterate cannot be matched (the assignment needs finite costs); its PSNR is NaN.
-        if not torch.isfinite(candidate).all():
-            return float("nan")
-        return matched_psnr(candidate, images)
 
-    attack_start = time.perf_counter()
-    channels, height, width = images.shape[1:]
-    recon = attack.reconstruct(
-        model, shared, num_classes=images_set.num_classes, batch_size=spec.batch_size,
-        image_shape=(channels, height, width), generator=generator, progress=progress, evaluate=evaluate,
-        eval_every=spec.eval_every,
-    )
-    attack_s = time.perf_counter() - attack_start
-    iterations = int(recon.history[-1]["iteration"]) if recon.history else attack.iterations
+def finish_trial(prepared: PreparedTrial, recon: Reconstruction, attack_s: float) -> TrialResult:
+    """The steps after the attack: score, image grid, reid, non-finite checks; wall_s counts from preparation.
+
+    A reconstruction that is or scores NaN/inf gives status FAILED (error_type NonFinite).
+    """
+    spec = prepared.spec
+    iterations = int(recon.history[-1]["iteration"]) if recon.history else prepared.attack.iterations
     result = TrialResult(
-        spec=spec, status=COMPLETE, model_acc=model_acc, model_loss=model_loss, attack_s=attack_s,
-        iterations=iterations, device=str(device), history=recon.history,
-    )
+        spec=spec, status=COMPLETE, model_acc=prepared.model_acc, model_loss=prepared.model_loss,
+        attack_s=attack_s, iterations=iterations, device=str(prepared.device), history=recon.history,
+    )  # fmt: skip
     if not torch.isfinite(recon.images).all():
         result.status, result.error_type = FAILED, "NonFinite"
         result.error = f"{spec.attack} produced non-finite images"
     else:
-        s = score(recon.images, recon.labels, images, labels, success_psnr=spec.success_psnr)
-        result.metrics = {**s.__dict__, "indices": list(indices)}
-        result.image_png = image_grid_png(images, recon.images[s.matching])
-        if identifier is not None:
+        s = score(recon.images, recon.labels, prepared.images, prepared.labels, success_psnr=spec.success_psnr)
+        result.metrics = {**s.__dict__, "indices": list(prepared.indices)}
+        matched = recon.images[s.matching]
+        result.image_png = image_grid_png(prepared.images, matched)
+        if prepared.identifier is not None:
             from grnn_engine.reid import reid_metrics
 
-            matched = recon.images[s.matching]
-            result.metrics.update(reid_metrics(identifier, matched, images, labels, seed=spec.seed))
+            result.metrics.update(
+                reid_metrics(prepared.identifier, matched, prepared.images, prepared.labels, seed=spec.seed)
+            )
         if not result.is_finite():
             result.status, result.error_type = FAILED, "NonFinite"
             result.error = f"{spec.attack} scored non-finite metrics"
-    result.wall_s = time.perf_counter() - start
+    result.wall_s = time.perf_counter() - prepared.start
     return result
+
+
+def run_trial(
+    spec: TrialSpec, stage_state: dict[str, Any] | None = None, progress: ProgressFn | None = None
+) -> TrialResult:
+    """Run one attack trial and score it. Raises ConfigError/DataError for bad settings or missing data.
+
+    A trial whose reconstruction scores NaN/inf is returned with status FAILED (error_type NonFinite).
+    """
+    prepared = prepare_trial(spec, stage_state)
+    attack_start = time.perf_counter()
+    recon = prepared.attack.reconstruct(
+        prepared.model, prepared.shared, num_classes=prepared.num_classes, batch_size=spec.batch_size,
+        image_shape=prepared.image_shape, generator=prepared.generator, progress=progress,
+        evaluate=prepared.evaluate, eval_every=spec.eval_every,
+    )  # fmt: skip
+    return finish_trial(prepared, recon, attack_s=time.perf_counter() - attack_start)

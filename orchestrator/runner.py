@@ -9,9 +9,11 @@ comes into play when a worker process dies.
 Training stages: before any trial runs, `prepare_stages` trains every FedAvg chain the trials need
 (`grnn_engine.fl.stage_requests`), each chain once, as parallel Ray tasks with the trials' resources, into
 the content-addressed stage cache (on one machine it survives between sweeps). Each task returns its
-stages as objects in Ray's object store; a trial fetches its own (`StagePlan`), so trials on other nodes need
-no shared disk. A chain that fails gives every trial that needs it a FAILED row; the sweep goes on. A trial
-whose chain was not planned (a search that samples FL settings) loads or trains it through the cache itself.
+stages as objects in Ray's object store and the driver keeps its own copy of each (so a lost worker node
+takes none with it); a trial fetches its own (`StagePlan`), so trials on other nodes need no shared disk, and
+falls back to the cache when the fetch fails. A chain that fails gives every trial that needs it a FAILED
+row; the sweep goes on. A trial whose chain was not planned (a search that samples FL settings) loads or
+trains it through the cache itself.
 
 Search: `run_search` runs every study of `search: {method: optuna}` in ONE Tune run: `StudySearcher` hands
 Tune the next trial of the study whose turn it is, from that study's own `ray.tune.search.optuna.OptunaSearch`
@@ -23,7 +25,8 @@ reached (psnr only, from its last evaluation) with `stopped_early` and `stopped_
 
 Driver side: `LedgerCallback` writes each final row to `parts/<key>.parquet` the moment Tune hands
 it over, so a killed driver keeps everything that finished; the ledger, not Tune's experiment state,
-is what a rerun resumes from (Tune's restore re-ran finished trials in our measurements).
+is what a rerun resumes from (Tune's restore re-ran finished trials in our measurements). Tune's own
+experiment folder lives in a temporary folder outside the results and is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import dataclasses
+import importlib._bootstrap
 import json
 import logging
 import math
@@ -38,6 +42,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,8 +60,9 @@ from orchestrator.progress import Progress, SweepStats, SweepSummary
 from orchestrator.results import Ledger
 from orchestrator.spec import Asha, OptunaSearch, SearchParam, Study
 
-TUNE_DIR = ".tune"  # Tune's own experiment storage, hidden inside the sweep's results folder
+TUNE_DIR = ".tune"  # where earlier versions kept Tune's experiment folder, inside the results (removed)
 STAGES_DIR = ".stages"  # the stage cache under a results root (unless $GRNN_CACHE_DIR says otherwise)
+STAGE_FETCH_TIMEOUT_S = 120.0  # a trial's wait for its stage object before it loads or trains it itself
 
 # Set before Tune runs. Auto loggers would copy every result (PNG included) into result.json and
 # progress.csv for nothing; the new console output prints a banner even at verbose=0; Tune prints a
@@ -115,6 +121,20 @@ def _async_raise(thread_id: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
 
 
+def _importing(thread_id: int) -> bool:
+    """Whether `thread_id` is inside an import (holds one of the import system's per-module locks).
+
+    An exception raised there leaves the package half-imported in sys.modules: its finished submodules stay,
+    it is dropped, and the next import of it in this (reused) process fails with "partially initialized
+    module". CPython keeps those locks in importlib._bootstrap._module_locks (name -> weakref to the lock).
+    """
+    for ref in list(getattr(importlib._bootstrap, "_module_locks", {}).values()):
+        lock = ref()
+        if lock is not None and getattr(lock, "owner", None) == thread_id:
+            return True
+    return False
+
+
 class Watchdog:
     """Interrupts the trial's thread with TrialTimeout once `timeout_s` has passed.
 
@@ -122,8 +142,10 @@ class Watchdog:
     lives in the trial: a thread raises TrialTimeout asynchronously in the trial's thread (delivered at
     its next Python bytecode, i.e. between torch operations). It never fires while the trial is inside
     `tune.report` (Tune's own bookkeeping must not be torn); the progress callback checks `expired`
-    right after reporting instead. If the trial is stuck in one native call for `grace_s` past the
-    deadline, the worker process exits; the driver then records the trial as TIMEOUT.
+    right after reporting instead. Nor while the trial imports a module: the raise waits until the
+    import is done, or the reused worker would keep a half-imported package (see `_importing`). If the
+    trial is stuck in one native call (or import) for `grace_s` past the deadline, the worker process
+    exits; the driver then records the trial as TIMEOUT.
     """
 
     def __init__(self, timeout_s: float, grace_s: float | None = None) -> None:
@@ -135,6 +157,7 @@ class Watchdog:
         self._done = False
         self._in_report = 0
         self.fired = False
+        self.deferred = False  # the deadline passed while the trial was importing
         self._thread = threading.Thread(target=self._watch, name="trial-watchdog", daemon=True)
 
     @property
@@ -163,10 +186,13 @@ class Watchdog:
                     return
                 now = time.monotonic()
                 if not self.fired and now >= self._deadline and not self._in_report:
-                    self.fired = True
-                    _async_raise(self._target, TrialTimeout)
-                elif self.fired and now >= self._deadline + self.grace_s:
-                    # Stuck in native code: only ending the process frees the slot.
+                    if _importing(self._target):
+                        self.deferred = True  # raised once the import is done (or the grace period ends)
+                    else:
+                        self.fired = True
+                        _async_raise(self._target, TrialTimeout)
+                elif (self.fired or self.deferred) and now >= self._deadline + self.grace_s:
+                    # Stuck in native code (or in an import): only ending the process frees the slot.
                     os._exit(3)
             time.sleep(0.1)
 
@@ -380,7 +406,7 @@ def _stage_id(chain: str, fl_round: int) -> str:
 class StagePlan:
     """The trained stages of a sweep, handed to every trial (pickled with the trainable; refs stay refs).
 
-    refs: "<chain key>:<round>" -> object ref of the stage dict (state_dict, model_acc, ...);
+    refs: "<chain key>:<round>" -> object ref of the stage dict (state_dict, model_acc, ...), driver-owned;
     accuracy: the same ids -> the stage's test accuracy (utility lookups need no fetch); errors: chain key
     -> (exception type, message) of a chain that failed; trained/cached: chain keys that were trained now /
     found complete in the cache (a round-0-only chain that was not cached is in neither: nothing to train).
@@ -420,12 +446,10 @@ class StagePlan:
             raise StageFailed(failure[1])
         chain = fl.chain_key(spec)
         ref = self.refs.get(_stage_id(chain, spec.fl_round))
-        stage = None
-        if ref is not None:
-            stage = ray.get(ref)
-        elif self._needs_training(spec):
+        stage = _fetch_stage(ref) if ref is not None else None
+        if stage is None and self._needs_training(spec):
             stage = fl.stage_for_trial(spec, self.cache_dir)
-        elif chain not in self.errors:
+        elif stage is None and chain not in self.errors:
             try:  # round 0 only measures the untrained model's accuracy: nice to have, never fatal
                 stage = fl.stage_for_trial(spec, self.cache_dir)
             except Exception:  # noqa: BLE001  (the trial runs on the model run_trial builds)
@@ -437,6 +461,16 @@ class StagePlan:
                 at = dataclasses.replace(spec, fl_round=self.utility_round)
                 utility = float(fl.stage_for_trial(at, self.cache_dir)["model_acc"])
         return StageContext(stage=stage, utility_acc=utility)
+
+
+def _fetch_stage(ref: Any) -> dict[str, Any] | None:
+    """The stage behind `ref`, or None when it cannot be had in STAGE_FETCH_TIMEOUT_S (its node and the
+    driver that owns it are gone, the object store is wedged): the trial then loads or trains it through the
+    cache itself, rather than wait for Ray to rebuild it with resources the waiting trials hold."""
+    try:
+        return cast(dict[str, Any], ray.get(ref, timeout=STAGE_FETCH_TIMEOUT_S))
+    except ray.exceptions.RayError:
+        return None
 
 
 def _train_chain(request: Any, cache_dir: str | None, cpu: float, gpu: float) -> tuple[Any, ...]:
@@ -459,6 +493,18 @@ def _train_chain(request: Any, cache_dir: str | None, cpu: float, gpu: float) ->
         "accuracy": {int(r): float(s["model_acc"]) for r, s in stages.items()},
     }
     return (summary, *(stages[r] for r in request.rounds))
+
+
+def _own(ref: Any) -> Any:
+    """A copy of a task's returned object that the driver owns (ray.put), or None when it is lost already.
+
+    A task's return value lives on the node that ran it and is owned through that task: when the node is
+    lost, a trial that fetches it waits while Ray re-runs the task, which needs a CPU the waiting trials
+    hold, and the sweep hangs. The driver's copy lives in the driver's object store and needs no task."""
+    try:
+        return ray.put(ray.get(ref))
+    except ray.exceptions.RayError:
+        return None
 
 
 def stage_cache_dir(results_root: str | os.PathLike[str]) -> str:
@@ -504,7 +550,8 @@ def prepare_stages(
             name=f"fl-chain-{request.key()[:8]}",
         ).remote(request, cache_dir, cpu, gpu)  # fmt: skip
         submitted.append((request, refs))
-    for request, refs in submitted:
+    while submitted:  # popped: the task's own objects are freed once the driver holds its copies
+        request, refs = submitted.pop(0)
         chain = request.key()
         try:
             summary = ray.get(refs[0])
@@ -523,7 +570,9 @@ def prepare_stages(
         elif summary["cached"]:
             plan.cached.append(chain)
         for r, ref in zip(request.rounds, refs[1:], strict=True):
-            plan.refs[_stage_id(chain, r)] = ref
+            owned = _own(ref)
+            if owned is not None:  # else the trials load the stage from the cache (or train it) themselves
+                plan.refs[_stage_id(chain, r)] = owned
         for r, acc in summary["accuracy"].items():
             plan.accuracy[_stage_id(chain, r)] = acc
     if log:
@@ -610,6 +659,8 @@ class LedgerCallback(tune.Callback):
         self.written: set[str] = set()
         # Intermediate reports per trial key: the history of a trial the scheduler stops.
         self.history: dict[str, list[dict[str, float]]] = {}
+        # Tune trial key of a packed trial -> its cells' keys (set by orchestrator.packing.packed_fit).
+        self.packs: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into tuner.pkl (for Tuner.restore, which we never use); the live
@@ -650,8 +701,9 @@ class LedgerCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         key = trial.config["trial_key"]
-        self.started_at[key] = time.monotonic()
-        self.progress.started(key)
+        for cell in self.packs.get(key, [key]):  # a packed trial starts all its cells at once
+            self.started_at[cell] = time.monotonic()
+            self.progress.started(cell)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
         if not result.get("final"):
@@ -685,6 +737,11 @@ class LedgerCallback(tune.Callback):
 
     def _write_failure(self, trial: Any) -> None:
         key = trial.config["trial_key"]
+        if key in self.packs:
+            from orchestrator.packing import write_pack_failures
+
+            write_pack_failures(self, trial, self.packs[key])
+            return
         spec = self._spec_of(trial)
         if key in self.written or spec is None:
             return
@@ -770,6 +827,9 @@ class GroupedAsha(FIFOScheduler):
         if result.get("final"):
             return TrialScheduler.CONTINUE  # the trial is ending anyway, with its row
         action = self._of(trial).on_trial_result(tune_controller, trial, result)
+        if _finite(result.get("iterations")) and result.get("iteration", 0) >= result["iterations"]:
+            # The attack has run its last step: stopping now would save nothing but lose the scored row.
+            return TrialScheduler.CONTINUE
         if action == TrialScheduler.STOP:
             self.stopped[trial.trial_id] = int(result.get("iteration", 0))
         return action
@@ -959,6 +1019,7 @@ class RunOptions:
     utility_round: int | None = None  # the spec's utility round (None without utility)
     scheduler: Asha | None = None
     retry_failed: bool = False  # search: failed trials do not count against a study's budget
+    pack: int = 1  # grid cells per Tune trial, run together by grnn_engine.batched (orchestrator.packing)
 
 
 def concurrent_slots(options: RunOptions) -> int:
@@ -1006,12 +1067,21 @@ def _fit(
     num_samples: int = 1,
     search_alg: Searcher | None = None,
     scheduler: TrialScheduler | None = None,
+    trainable_fn: Callable[..., None] | None = None,
 ) -> float:
-    """One Tune run of `trainable` into the ledger; returns its wall time. Tune's own folder is removed after."""
-    storage = ledger.folder.resolve() / TUNE_DIR
+    """One Tune run of `trainable` (or `trainable_fn`, e.g. orchestrator.packing's) into the ledger; returns its wall time.
+
+    Tune's experiment folder (its state, tuner.pkl) goes to a temporary folder outside the results, removed
+    when the run ends: the ledger is all a rerun reads, and nothing pickled ever lands in a results folder,
+    even when the driver is killed.
+    """
+    # Earlier versions kept Tune's folder here; a driver killed then left it behind.
+    shutil.rmtree(ledger.folder / TUNE_DIR, ignore_errors=True)
+    storage = _tune_storage()
     run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     fn = tune.with_parameters(
-        trainable, cpu=options.cpu, gpu=options.gpu, trial_timeout_s=options.trial_timeout_s, **trainable_kwargs
+        trainable_fn or trainable, cpu=options.cpu, gpu=options.gpu, trial_timeout_s=options.trial_timeout_s,
+        **trainable_kwargs,
     )
     tuner = tune.Tuner(
         tune.with_resources(fn, {"cpu": options.cpu, "gpu": options.gpu}),
@@ -1039,13 +1109,32 @@ def _fit(
         tuner.fit()
     finally:
         wall = time.monotonic() - start
-    # Tune's experiment folder holds nothing the ledger lacks (no checkpoints); keep the results tidy.
-    shutil.rmtree(storage / run_name, ignore_errors=True)
-    try:
-        storage.rmdir()
-    except OSError:
-        pass
+        shutil.rmtree(storage, ignore_errors=True)  # nothing the ledger lacks (no checkpoints)
     return wall
+
+
+_TUNE_PREFIX = "grnn-tune-"
+
+
+def _tune_storage() -> Path:
+    """A new folder `grnn-tune-<pid>-*` for Tune's experiment state, in Ray's temp root ($RAY_TMPDIR, else the
+    system's). Folders of drivers that no longer run (killed before they could remove theirs) are removed."""
+    root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    for old in root.glob(f"{_TUNE_PREFIX}*"):
+        pid = old.name[len(_TUNE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_TUNE_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _summary(options: RunOptions, ledger: Ledger, cells: int, stats: SweepStats, wall: float, slots: int) -> SweepSummary:
@@ -1070,7 +1159,8 @@ def run_cells(
 
     The FL stages the cells attack are trained first (prepare_stages); cells whose chain failed get their
     FAILED rows at once. With `strict_resources` a trial that cannot fit the cluster as it is now is a
-    ConfigError; without it (a cluster that may autoscale) the sweep waits for Tune to find room.
+    ConfigError; without it (a cluster that may autoscale) the sweep waits for Tune to find room. With
+    `options.pack` > 1, compatible cells share one Tune trial (orchestrator.packing); still one row per cell.
     """
     if not ray.is_initialized():
         raise RuntimeError("call start_ray() before run_cells()")
@@ -1098,11 +1188,13 @@ def run_cells(
             else:
                 callback.write_row(TrialResult.failed(cell, error_type=failure[0], error=failure[1]).to_row(), None)
         if runnable:
-            wall = _fit(
-                ledger, options, callback, slots,
-                {"cells": {k: dataclasses.asdict(c) for k, c in runnable.items()}, "stages": plan},
-                param_space={"trial_key": tune.grid_search(list(runnable))}, scheduler=scheduler,
-            )  # fmt: skip
+            kwargs: dict[str, Any] = {"cells": {k: dataclasses.asdict(c) for k, c in runnable.items()}, "stages": plan}
+            fit: dict[str, Any] = {"param_space": {"trial_key": tune.grid_search(list(runnable))}}
+            if options.pack > 1:  # compatible cells share one Tune trial (orchestrator.packing)
+                from orchestrator.packing import packed_fit
+
+                kwargs, fit = packed_fit(runnable, options.pack, callback, kwargs)
+            wall = _fit(ledger, options, callback, slots, kwargs, scheduler=scheduler, **fit)
     finally:
         progress.close()
     return _summary(options, ledger, len(by_key), stats, wall, slots)

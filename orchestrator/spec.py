@@ -113,6 +113,7 @@ _NOT_IN_HASH: dict[str, set[str] | None] = {
     "trial_timeout_s": None,
     "max_failures": None,
     "max_cells": None,
+    "pack": None,
 }
 
 
@@ -430,6 +431,9 @@ class SweepSpec(_Model):
     trial_timeout_s: float = Field(3600.0, gt=0, allow_inf_nan=False)
     max_failures: int = Field(1, ge=0)  # Ray-level retries of a trial lost to a node failure
     max_cells: int = Field(5000, ge=1)  # the sweep command line asks for --yes beyond this
+    # Up to this many compatible cells run as one Ray trial through grnn_engine.batched (one vectorised
+    # attack; results equal one by one); 1 = one cell per trial. A run setting: not in spec_hash.
+    pack: int = Field(1, ge=1)
     search: SearchSpec = Field(default_factory=GridSearch)
     scheduler: Asha | None = None  # `asha` (or {name: asha, ...}): stop hopeless trials early
     # Face re-identification of every reconstruction (grnn_engine.reid): an identifier name or
@@ -630,6 +634,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
         raise SpecError(f"{source}: {message}", source=source, path=path) from None
     _check_plugins(spec, source)
     _check_search(spec, source)
+    _check_pack(spec, source)
     return spec
 
 
@@ -1033,6 +1038,22 @@ def _check_search(spec: SweepSpec, source: str) -> None:
             source, "search.breaking_point.threshold", f"a {bp.metric} breaking point needs a threshold", None,
             "a number (psnr defaults to success_psnr)",
         )  # fmt: skip
+
+
+def _check_pack(spec: SweepSpec, source: str) -> None:
+    """pack > 1 runs cells together as one trial: nothing may stop or sample them one at a time."""
+    if spec.pack == 1:
+        return
+    if spec.scheduler is not None:
+        used, other = "scheduler: asha", "no scheduler"
+    elif isinstance(spec.search, OptunaSearch):
+        used, other = "search: {method: optuna}", "search: {method: grid}"
+    else:
+        return
+    raise _fail(
+        source, "pack", f"packed trials cannot be stopped or sampled one by one, so pack > 1 does not go with {used}",
+        spec.pack, f"pack: 1, or {other}",
+    )  # fmt: skip
 
 
 def _build_search(spec: SweepSpec, source: str) -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from grnn_engine.cli_values import one_line
 from grnn_engine.errors import GrnnError
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.progress import SweepSummary
@@ -207,6 +208,7 @@ def submit(argv: Sequence[str], spec: SweepSpec, address: str | None, results: s
 
 def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     """The command, returning the summary (None for --dry-run, --compact and --submit). Raises on errors."""
+    started_ns = time.time_ns()  # temporaries older than this belong to writers that died (see below)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -284,6 +286,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
 
     if not left:
         ledger.compact()
+        ledger.remove_temporaries(older_than_ns=started_ns)
         summary = SweepSummary(
             name=spec.name, cells=trials, ran=0, complete=0, failed=0, timeout=0, wall_s=0.0,
             trial_wall_s=0.0, slots=0, results_path=str(ledger.trials_path),
@@ -304,6 +307,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
         max_failures=spec.max_failures, cache_dir=runner.stage_cache_dir(results_root(args.results)),
         utility_round=spec.utility_at, scheduler=spec.scheduler, retry_failed=args.retry_failed,
+        pack=spec.pack,
     )
     what = "trials" if searching else "cells"
     print(f"sweep '{spec.name}': {left} of {trials} {what} to run "
@@ -318,6 +322,9 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             summary = runner.run_cells(todo, ledger, options, strict_resources=embedded)
     finally:
         ledger.compact()
+        # Torn writes of a killed earlier run (a part's temporary that was never renamed); this run's own
+        # writes are all renamed by now, and a writer beside it (--compact, a report) began after it.
+        ledger.remove_temporaries(older_than_ns=started_ns)
         runner.stop_ray(started)
     summary.cells = trials
     print(summary.format())
@@ -328,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv)
     except (GrnnError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0
 

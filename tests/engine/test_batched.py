@@ -15,16 +15,10 @@ import pytest
 import torch
 
 from grnn_engine import ATTACKS, TrialResult, TrialSpec, run_trial
-from grnn_engine.attacks.base import ProgressFn
-from grnn_engine.batched import (
-    _grnn_batched,
-    _ig_batched,
-    _image_shape,
-    _prepare,
-    compatible_groups,
-    run_trials_batched,
-)
+from grnn_engine.attacks.base import ProgressFn, Reconstruction
+from grnn_engine.batched import _grnn_batched, _ig_batched, compatible_groups, run_trials_batched
 from grnn_engine.errors import ConfigError
+from grnn_engine.trial import prepare_trial
 from grnn_engine.victims import create_victim
 
 # Three trials that differ in all the ways a pack allows: seed (generator, private image, victim
@@ -73,21 +67,20 @@ def _assert_same_results(
     return results
 
 
-def _assert_same_images(specs: list[TrialSpec], batched_loop: Callable[..., list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+def _assert_same_images(specs: list[TrialSpec], batched_loop: Callable[..., list[Reconstruction]]) -> None:
     """The reconstructions themselves, before scoring: one reconstruct per trial vs the batched loop."""
     attack = ATTACKS.create(specs[0].attack, **specs[0].attack_params)
     expected = []
     for spec in specs:
-        t = _prepare(spec)
-        recon = attack.reconstruct(
-            t.model, t.shared, num_classes=t.images_set.num_classes, batch_size=spec.batch_size,
-            image_shape=_image_shape(t), generator=t.generator, eval_every=spec.eval_every,
-        )
-        expected.append((recon.images, recon.labels))
-    got = batched_loop(attack, [_prepare(spec) for spec in specs], None)
-    for (ei, el), (gi, gl) in zip(expected, got, strict=True):
-        assert torch.equal(gl, el)
-        torch.testing.assert_close(gi, ei, atol=1e-4, rtol=0)
+        t = prepare_trial(spec)
+        expected.append(attack.reconstruct(
+            t.model, t.shared, num_classes=t.num_classes, batch_size=spec.batch_size,
+            image_shape=t.image_shape, generator=t.generator, eval_every=spec.eval_every,
+        ))  # fmt: skip
+    got = batched_loop(attack, [prepare_trial(spec) for spec in specs], None)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(g.labels, e.labels)
+        torch.testing.assert_close(g.images, e.images, atol=1e-4, rtol=0)
 
 
 def test_batched_grnn_equals_one_by_one() -> None:

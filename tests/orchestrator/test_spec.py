@@ -214,6 +214,31 @@ def test_unknown_search_method(tmp_path: Path) -> None:
     assert "grid" in message and "optuna" in message
 
 
+@pytest.mark.parametrize("bad", ["0", "-1", "'4'", "2.0", "true"])
+def test_pack_must_be_a_whole_number_of_cells(tmp_path: Path, bad: str) -> None:
+    path = write(tmp_path, BASE + f"pack: {bad}\n")
+    message = load_error(path)
+    assert_names(message, path, "pack", bad.strip("'").replace("true", "True"))
+    assert "integer" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "used"),
+    [
+        ("scheduler: asha\n", "scheduler: asha"),
+        ("search: {method: optuna, params: {attack.params.lr: {type: loguniform, low: 0.0001, high: 0.01}}, "
+         "objectives: [{metric: psnr, direction: maximize}]}\n", "search: {method: optuna}"),
+    ],
+)  # fmt: skip
+def test_pack_with_early_stopping_or_a_search_is_refused(tmp_path: Path, extra: str, used: str) -> None:
+    path = write(tmp_path, BASE + "pack: 4\n" + extra)
+    message = load_error(path)
+    assert_names(message, path, "pack", "4")
+    assert "cannot be stopped or sampled one by one" in message and used in message
+    assert parse_spec(yaml.safe_load(BASE + "pack: 1\n" + extra)).pack == 1  # pack 1 goes with anything
+    assert load_spec(write(tmp_path, BASE + "pack: 4\n", "grid.yaml")).pack == 4
+
+
 def test_fractional_gpu_above_one(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "resources: {cpu: 1, gpu: 1.5}\n")
     assert_names(load_error(path), path, "resources.gpu", "1.5")
@@ -306,6 +331,7 @@ _PLACES = [
     ("resources",),
     ("resources", "gpu"),
     ("max_concurrent",),
+    ("pack",),
     ("search",),
     ("fl",),
     ("eval_every",),
@@ -516,7 +542,7 @@ def test_spec_hash_ignores_where_data_lives_but_not_what_is_run() -> None:
 def test_spec_hash_ignores_run_settings() -> None:
     spec = parse_spec(GRID)
     rerun = parse_spec({**GRID, "resources": {"cpu": 2, "gpu": 0}, "max_concurrent": 1, "trial_timeout_s": 99,
-                        "max_failures": 3, "max_cells": 10, "description": "again"})
+                        "max_failures": 3, "max_cells": 10, "description": "again", "pack": 4})
     assert rerun.spec_hash() == spec.spec_hash()
 
 
@@ -574,6 +600,7 @@ def test_round_trip_keeps_every_setting() -> None:
         "update": {"kind": "fedavg", "local_steps": 2, "local_lr": 0.5},
         "resources": {"cpu": 2, "gpu": 0.25},
         "max_concurrent": 3,
+        "pack": 8,
         "fl": {"clients": 4, "local_lr": 0.5},
     }
     spec = parse_spec(data)
