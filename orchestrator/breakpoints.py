@@ -15,17 +15,22 @@ at the weakest tested strength, with no lower bound. Across seeds the breaking s
 per-seed value at which fewer than `rate` of the seeds still succeed (the median for rate 0.5), and the
 uncertainty is the same order statistic of the per-seed lower bounds, plus the spread of the per-seed
 values (seed_min, seed_max). model_acc and utility_acc are the means over the rows at the breaking strength.
+
+`report_part(result_dir, df)` is that table as the report shows it, for a results folder whose spec searched a
+breaking point (orchestrator.report adds it as a section; a grid or an objectives search gets none).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-__all__ = ["STRENGTH", "breaking_points", "grid_position", "within_one_step"]
+__all__ = ["STRENGTH", "ReportPart", "breaking_points", "grid_position", "report_part", "within_one_step"]
 
 # defense -> (parameter that sets its strength, +1 if a larger value is stronger, -1 if a smaller one is)
 STRENGTH: dict[str, tuple[str, int]] = {
@@ -62,7 +67,9 @@ def _seed_bracket(points: list[tuple[float, bool]], direction: int) -> tuple[flo
     return lower, breaking
 
 
-def _order_statistic(values: list[float | None], k: int, direction: int, missing_is_strong: bool) -> float | None:
+def _order_statistic(
+    values: list[float | None], k: int, direction: int, missing_is_strong: bool
+) -> float | None:
     """The k-th weakest of `values` (None counts as beyond the strong end, or the weak end)."""
     inf = math.inf if missing_is_strong else -math.inf
     keyed = sorted(values, key=lambda v: inf if v is None else direction * v)
@@ -112,7 +119,9 @@ def breaking_points(
         )  # fmt: skip
         broken = pd.to_numeric(part[metric], errors="coerce") < limits
         brackets = []
-        for _, seed_rows in part.assign(_broken=broken).groupby("seed" if "seed" in part.columns else lambda _: 0):
+        for _, seed_rows in part.assign(_broken=broken).groupby(
+            "seed" if "seed" in part.columns else lambda _: 0
+        ):
             by_strength = seed_rows.groupby(column)["_broken"].mean()
             points = [(float(s), bool(b > 0.5)) for s, b in by_strength.items()]
             brackets.append(_seed_bracket(points, direction))
@@ -169,7 +178,9 @@ def grid_position(value: float | None, steps: Sequence[float], direction: int = 
     return len(ordered)
 
 
-def within_one_step(found: float | None, reference: float | None, steps: Sequence[float], direction: int = 1) -> bool:
+def within_one_step(
+    found: float | None, reference: float | None, steps: Sequence[float], direction: int = 1
+) -> bool:
     """Whether a breaking strength `found` (e.g. by search) lies within one grid step of `reference` (the dense
     grid's, one of `steps`): between the steps either side of it, inclusive. None means not broken within
     the range (beyond the strongest step)."""
@@ -180,3 +191,101 @@ def within_one_step(found: float | None, reference: float | None, steps: Sequenc
     value = math.inf if found is None else direction * found
     tolerance = 1e-9 * max(1.0, abs(value)) if math.isfinite(value) else 0.0
     return low - tolerance <= value <= high + tolerance
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class ReportPart:
+    """A report section as plain data (orchestrator.report wraps it; this module does not import the report)."""
+
+    title: str
+    intro: str
+    table: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _short(value: Any) -> str:
+    return "—" if not _finite(value) else f"{float(value):.4g}"
+
+
+def _display(table: pd.DataFrame, has_utility: bool) -> pd.DataFrame:
+    """The breaking-point table with the uncertainty spelled out, one row per attack x batch size x defense."""
+    context = [c for c in _CONTEXT if c in table.columns]
+    out = []
+    for _, r in table.iterrows():
+        at, low = r["breaking_strength"], r["strength_low"]
+        if not _finite(at):  # never broken: the strongest strength tested still let the attack through
+            strength, bracket = f"not broken (> {_short(low)})", f"({_short(low)}, beyond the range)"
+        elif not _finite(
+            low
+        ):  # broken at the weakest strength tested: the breaking point may be weaker still
+            strength, bracket = _short(at), f"(not tested below, {_short(at)}]"
+        else:
+            strength, bracket = _short(at), f"({_short(low)}, {_short(at)}]"
+        spread = _short(r["seed_min"]) if r["seed_min"] == r["seed_max"] else (
+            f"{_short(r['seed_min'])} to {_short(r['seed_max'])}"
+        )  # fmt: skip
+        row = {
+            **{c: r[c] for c in context},
+            "attack": r["attack"],
+            "batch size": int(r["batch_size"]),
+            "defense": f"{r['defense']} ({r['param']})",
+            "breaking strength": strength,
+            "bracket (passed, broken]": bracket,
+            "per-seed breaking strengths": spread if r["broken_seeds"] else "—",
+            "seeds broken": f"{int(r['broken_seeds'])}/{int(r['seeds'])}",
+            "trials": int(r["trials"]),
+            "metric there": _short(r["metric_at"]),
+            "model accuracy there": _short(r["model_acc"]),
+        }
+        if has_utility:
+            row["accuracy with the defense in training"] = _short(r["utility_acc"])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def report_part(result_dir: str | Path, df: pd.DataFrame) -> list[ReportPart]:
+    """The "Breaking points" section of the report of `result_dir`, whose rows are `df`: one ReportPart when
+    its spec.yaml searches a breaking point and `df` holds searched rows (`search_id`), else none."""
+    if "search_id" not in df.columns or not df["search_id"].map(lambda v: isinstance(v, str)).any():
+        return []
+    from grnn_engine.errors import GrnnError  # the ledger and the spec only when there are searched rows
+    from orchestrator.results import Ledger
+    from orchestrator.spec import OptunaSearch, load_spec
+
+    title = "Breaking points"
+    spec_path = Ledger(Path(result_dir)).spec_path
+    try:
+        spec = load_spec(spec_path)
+    except (OSError, GrnnError) as err:  # a report still opens; the note says why the table is missing
+        reason = "it has no spec.yaml" if not spec_path.is_file() else f"its spec.yaml does not load ({err})"
+        note = f"Skipped: the rows were searched, but {reason}, so the breaking-point threshold is unknown."
+        return [ReportPart(title, "", notes=[note])]
+    search = spec.search
+    if not isinstance(search, OptunaSearch) or search.breaking_point is None:
+        return []  # an objectives search: its result is the privacy-utility front
+    metric, threshold = search.breaking_point.metric, search.breaking_point.threshold
+    if threshold is None:  # the spec allows that for psnr only: the sweep's success threshold
+        threshold = spec.success_psnr
+    table = breaking_points(df, metric=metric, threshold=threshold)
+    limit = f"{threshold:g}" + (" dB" if metric == "psnr" else "")
+    searched = df[df["search_id"].map(lambda v: isinstance(v, str))]
+    intro = (
+        f"Per attack, batch size and defense: the weakest defense strength at which the attack's {metric} falls "
+        f"below {limit} on at least half of the seeds, from the Optuna breaking-point search "
+        f"({len(searched)} trials in {searched['search_id'].nunique()} studies). The breaking point lies in the "
+        "bracket: from the strongest strength tested below it that the attack still passed, to the breaking "
+        f"strength. 'metric there' is the mean {metric} at the breaking strength; 'model accuracy there' the "
+        "accuracy of the global model the attack saw (the defense changes only the shared update)."
+    )
+    has_utility = (
+        "utility_acc" in df.columns and pd.to_numeric(df["utility_acc"], errors="coerce").notna().any()
+    )
+    if has_utility:
+        intro += " 'accuracy with the defense in training': what FedAvg reaches with every client defended."
+    if table.empty:
+        note = "Skipped: no complete searched trial has a defense strength and a finite " + metric + "."
+        return [ReportPart(title, intro, notes=[note])]
+    return [ReportPart(title, intro, table=_display(table, has_utility))]
