@@ -12,24 +12,17 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from grnn_engine.cli_values import one_line
+from grnn_engine.cli_values import OneLineParser, one_line
 from grnn_engine.errors import ConfigError, GrnnError
 from grnn_engine.trial_spec import SEED_MAX  # noqa: E402  (the bound the sweep spec uses too)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (exit 2), without the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from grnn_engine import ATTACKS, DATASETS, DEFENSES, VICTIMS
 
-    p = _Parser(prog="python -m grnn_engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m grnn_engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attack", default="grnn", help=f"attack: {', '.join(ATTACKS.names())} (default grnn)")
     p.add_argument("--victim", default="lenet", help=f"victim model: {', '.join(VICTIMS.names())} (default lenet)")
     p.add_argument("--dataset", default="digits", help=f"dataset: {', '.join(DATASETS.names())} (default digits)")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from typing import Any, NoReturn
 
 import yaml
 
@@ -14,6 +15,14 @@ def one_line(text: str) -> str:
     return, a lone surrogate from undecodable bytes) are shown escaped, as repr() would. Every command line
     prints its error through this, so an error is always one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit 2), without the usage block; every command line
+    of the project uses it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
 
 def parse_value(text: str) -> Any:

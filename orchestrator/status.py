@@ -7,7 +7,6 @@ this folder) and after it ended. Exit 2 with one sentence when the folder is not
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import warnings
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grnn_engine.cli_values import one_line
+from grnn_engine.cli_values import OneLineParser, one_line
 from grnn_engine.errors import GrnnError
 from orchestrator.results import Ledger
 
@@ -137,7 +136,7 @@ def sweep_status(folder: str | Path) -> SweepStatus:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m orchestrator.status", description="Progress of a sweep, read from its results folder."
     )
     parser.add_argument("folder", help="the sweep's results folder, e.g. results/quickstart")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from grnn_engine.cli_values import one_line
+from grnn_engine.cli_values import OneLineParser, one_line
 from grnn_engine.errors import GrnnError
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.progress import SweepSummary
@@ -44,7 +44,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m orchestrator.sweep",
         description="Run a sweep spec (YAML) as Ray Tune trials; results go to <results>/<name>/.",
     )

@@ -1,4 +1,4 @@
-"""The sweep, status and report command lines print an error as ONE line and exit 2, even when the value
+"""The sweep, status and report command lines print an error (a bad value or a bad option) as ONE line and exit 2, even when the value
 the user gave holds a newline or another control character (shown escaped, as the one-trial CLI does)."""
 
 from __future__ import annotations
@@ -30,3 +30,15 @@ def test_an_error_about_a_value_with_a_control_character_is_one_line(
     assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
     assert control not in err[:-1]
     assert str(tmp_path / "no") in err and repr(control)[1:-1] + "such.yaml" in err  # the value, escaped
+
+
+@pytest.mark.parametrize("command", list(MAINS))
+def test_a_bad_option_is_one_line_without_the_usage_block(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        MAINS[command](["somewhere", "--no-such\noption"])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith("error: ") and "--no-such\\noption" in err
