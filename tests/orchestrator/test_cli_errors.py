@@ -1,5 +1,6 @@
-"""The sweep, status and report command lines print an error (a bad value or a bad option) as ONE line and exit 2, even when the value
-the user gave holds a newline or another control character (shown escaped, as the one-trial CLI does)."""
+"""The sweep, status and report command lines print an error (a bad value or a bad option) as ONE line and
+exit 2, even when the value the user gave holds a newline or another control character (shown escaped, as the
+one-trial CLI does)."""
 
 from __future__ import annotations
 
