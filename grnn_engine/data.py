@@ -434,27 +434,71 @@ def att_faces(
             f"att_faces not found: looked for {folder}/s<k>/<n>.pgm; point data.root or GRNN_DATA_ROOT "
             f"at a folder that holds att_faces/ (AT&T Laboratories Cambridge face database)"
         )
+    return _split_per_person(
+        "att_faces", people, photos, split, image_size, lambda n: train_per_person,
+        f"in {folder} with train_per_person {train_per_person}",
+    )  # fmt: skip
+
+
+def _split_per_person(
+    name: str,
+    people: Sequence[str],
+    photos: Sequence[Sequence[str]],
+    split: str,
+    image_size: int,
+    train_count: Callable[[int], int],
+    where: str,
+) -> ImageSet:
+    """A set of identities split per person: each one's first `train_count(n)` of n photos are `train` (the
+    gallery a re-identifier learns), the rest `test` (unseen photos of known people); `all` keeps every photo.
+    The label is the person's position in `people`, in every split."""
     paths: list[str] = []
     labels: list[int] = []
     for label, person_photos in enumerate(photos):
-        if split == "train":
-            chosen = person_photos[:train_per_person]
-        elif split == "test":
-            chosen = person_photos[train_per_person:]
-        else:
-            chosen = person_photos
+        cut = train_count(len(person_photos))
+        chosen = {"train": person_photos[:cut], "test": person_photos[cut:]}.get(split, person_photos)
         paths.extend(chosen)
         labels.extend([label] * len(chosen))
     if not paths:
-        raise DataError(f"att_faces/{split} is empty in {folder} with train_per_person {train_per_person}")
-    return ImageSet(
-        "att_faces",
-        split,
-        list(people),
-        torch.tensor(labels, dtype=torch.int64),
-        image_size,
-        _files_reader(paths),
-    )
+        raise DataError(f"{name}/{split} is empty {where}")
+    return ImageSet(name, split, list(people), torch.tensor(labels, dtype=torch.int64), image_size, _files_reader(paths))
+
+
+def _natural(name: str) -> list[str | int]:
+    """Sort key that orders embedded numbers by value: s2 before s10, img_9 before img_10."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
+@functools.cache
+def _list_identities(tree: str) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(people with at least two photos, and each one's photo paths, both in natural order)."""
+    people, photos = [], []
+    for person in sorted(_subdirs(tree), key=_natural):
+        person_dir = os.path.join(tree, person)
+        names = sorted((f for f in os.listdir(person_dir) if _is_image(f)), key=_natural)
+        if len(names) >= 2:
+            people.append(person)
+            photos.append(tuple(os.path.join(person_dir, f) for f in names))
+    return tuple(people), tuple(photos)
+
+
+@DATASETS.register("identities")
+def identities(
+    *, root: Root = None, split: str = "test", image_size: int = 32, download: bool = False
+) -> ImageSet:
+    """Any tree of identities, `<root>/<person>/<image>` (LFW as torchvision lays it out: lfw-deepfunneled/),
+    split per person: each person's last photo (in natural order) is `test`, the others `train`; `all` keeps
+    every photo. People with a single photo are left out: they could be neither re-identified nor held out."""
+    _check_split("identities", split, (*SPLITS, "all"))
+    _check_image_size(image_size)
+    tree = resolve_data_root(root)
+    people, photos = _list_identities(str(tree)) if tree.is_dir() else ((), ())
+    if not people:
+        raise DataError(
+            f"identities found no person with two or more photos in {tree}; point data.root at a tree laid "
+            f"out as <root>/<person>/<image>"
+        )
+    return _split_per_person("identities", people, photos, split, image_size, lambda n: n - 1, f"in {tree}")
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -141,7 +141,7 @@ class DataSpec(_Model):
     root: str | None = None  # None: $GRNN_DATA_ROOT, else ~/.cache/grnn/data, resolved on the worker
     download: bool = False
     image_size: int = Field(32, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
-    split: Literal["train", "test", "all"] = "test"  # "all": att_faces only (it has no split on disk)
+    split: Literal["train", "test", "all"] = "test"  # "all": att_faces, identities (split per person)
     distinct_labels: bool = False
 
 

@@ -32,8 +32,9 @@ def _root_for(name: str) -> pathlib.Path | None:
         return None
     if DATA_ROOT is None:
         pytest.skip(f"{name} needs image files: set GRNN_DATA_ROOT (no ../shared/data here)")
-    # imagefolder's root is a tree itself; the shared MNIST tree is one.
-    return DATA_ROOT / "mnist" if name == "imagefolder" else DATA_ROOT
+    # imagefolder's and identities' roots are trees themselves: the shared MNIST tree is one of classes, the
+    # AT&T faces folder one of people.
+    return {"imagefolder": DATA_ROOT / "mnist", "identities": DATA_ROOT / "att_faces"}.get(name, DATA_ROOT)
 
 
 def _open(name: str, split: str = "test", image_size: int = SIZE, **params: object) -> ImageSet:
@@ -213,6 +214,29 @@ def test_att_faces_split_per_person() -> None:
     assert len(six) == 160
     with pytest.raises(ConfigError, match="train_per_person 10"):
         _open("att_faces", split="train", train_per_person=10)
+
+
+def test_identities_split_each_person_at_their_last_photo(tmp_path: pathlib.Path) -> None:
+    train, test = _open("identities", split="train"), _open("identities", split="test")
+    assert train.classes == test.classes == [f"s{k}" for k in range(1, 41)]  # natural order: s2 before s10
+    assert torch.equal(torch.bincount(test.labels, minlength=40), torch.ones(40, dtype=torch.int64))
+    assert torch.equal(torch.bincount(train.labels, minlength=40), torch.full((40,), 9))
+    # The held-out photo is each person's last in natural order (10.pgm, not 9.pgm): att_faces' last test photo.
+    faces = _open("att_faces", split="test")
+    assert torch.equal(test.load([0, 39]), faces.load([1, 79]))
+    # A person with a single photo can be neither gallery and probe: left out; hidden files are ignored.
+    source = DATA_ROOT / "att_faces" if DATA_ROOT else None
+    assert source is not None
+    for person, count in (("alice", 3), ("bob", 1), ("carol", 2)):
+        (tmp_path / person).mkdir()
+        for n in range(1, count + 1):
+            (tmp_path / person / f"{person}_{n:04d}.pgm").write_bytes((source / "s1" / f"{n}.pgm").read_bytes())
+    (tmp_path / "carol" / ".hidden.pgm").write_bytes(b"")
+    tree = load_dataset("identities", root=str(tmp_path), split="all", image_size=SIZE)
+    assert tree.classes == ["alice", "carol"] and tree.labels.tolist() == [0, 0, 0, 1, 1]
+    assert load_dataset("identities", root=str(tmp_path), split="test", image_size=SIZE).labels.tolist() == [0, 1]
+    with pytest.raises(DataError, match="no person with two or more photos"):
+        load_dataset("identities", root=str(tmp_path / "bob"))
 
 
 def test_att_faces_rejects_unknown_split_but_allows_all_only_there() -> None:
