@@ -8,7 +8,9 @@ comes from the results table (`orchestrator.results.load`) and images/; nothing 
 
 Each figure is a function that takes the DataFrame and returns a matplotlib Figure, for notebooks:
 `robustness_heatmap`, `convergence_figure`, `privacy_utility_figure`, `gallery_figure`; the tables are
-`success_table`, `failures_table`, `run_facts`; `heatmap_values` holds the numbers a heatmap shows.
+`success_table`, `failures_table`, `run_facts`; `heatmap_values` holds the numbers a heatmap shows. The
+breaking-point section comes from `orchestrator.breakpoints`, the re-identification table and gallery from
+`orchestrator.faces_report`.
 A figure the data has no axis for (one fl_round, no utility column) raises `NotApplicable`, which the
 report turns into a note.
 
@@ -21,7 +23,6 @@ varies (two victims, two fl_rounds) raises ConfigError naming it; the report dra
 
 from __future__ import annotations
 
-import argparse
 import html
 import math
 import re
@@ -39,7 +40,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from grnn_engine.cli_values import OneLineParser, one_line
 from grnn_engine.errors import ConfigError, DataError, GrnnError
+from orchestrator import breakpoints
 from orchestrator.results import IMAGES_DIR, Ledger, load
 
 __all__ = [
@@ -966,6 +969,16 @@ def _sections(folder_in: Path, df: pd.DataFrame, out: Path, written: list[Path])
             written,
         ),
     ]
+    # A breaking-point search's table, right after the success table (none for other sweeps).
+    sections[1:1] = [
+        _Section(p.title, p.intro, table=p.table, notes=p.notes)
+        for p in breakpoints.report_part(folder_in, d)
+    ]
+    # Face re-identification: table and galleries (none for sweeps run without `reid`). Imported here
+    # because orchestrator.faces_report builds on this module's helpers.
+    from orchestrator.faces_report import faces_sections
+
+    sections += faces_sections(folder_in, d, out, written)
     failures = failures_table(d)
     failed = _Section(
         "Failures", f"{len(failures)} FAILED or TIMEOUT trial{'s' if len(failures) != 1 else ''}."
@@ -1064,7 +1077,7 @@ def _markdown(title: str, facts: dict[str, str], sections: list[_Section]) -> st
     return "\n".join(parts) + "\n"
 
 
-_OWN_PNG = re.compile(r"^(heatmap_.*|convergence|privacy_utility|gallery)\.png$")
+_OWN_PNG = re.compile(r"^(heatmap_.*|convergence|privacy_utility|gallery|faces_gallery_.*)\.png$")
 
 
 def write_report(result_dir: str | Path, out: str | Path | None = None, fmt: str = "html") -> Report:
@@ -1111,7 +1124,7 @@ def write_report(result_dir: str | Path, out: str | Path | None = None, fmt: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m orchestrator.report",
         description="Figures and tables of a sweep's results: <folder>/report/index.html (and report.md).",
     )
@@ -1127,7 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = write_report(args.folder, args.out, args.format)
     except GrnnError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
     print(f"wrote {report.html} ({len(report.figures)} figures)")
     if report.markdown is not None:
