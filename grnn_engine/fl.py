@@ -42,7 +42,7 @@ from scipy.special import log_ndtr
 from torch import Tensor, nn
 
 from grnn_engine.attacks.base import trainable_parameters
-from grnn_engine.data import load_dataset
+from grnn_engine.data import ImageSet, load_dataset
 from grnn_engine.defenses import DPSGD, Compose, Defense, create_defense
 from grnn_engine.errors import ConfigError
 from grnn_engine.trial_spec import TrialSpec
@@ -546,6 +546,7 @@ def train_chain(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
+    test_set: ImageSet | None = None,
 ) -> dict[int, dict[str, Any]]:
     """The stages of `rounds` of one FedAvg chain: {round: {state_dict, model_acc, model_loss, fl_round,
     dp_epsilon, dp_delta}} (state_dict on the CPU).
@@ -553,6 +554,7 @@ def train_chain(
     Cached stages are loaded; if any requested round is missing, ONE FedAvg run trains from the latest
     cached round before the first missing one (round 0 = the untrained victim) up to the largest
     requested round, snapshotting and caching every requested round on the way. Deterministic from `seed`.
+    `test_set`: the dataset's test split when the caller already has it (decoded once for several chains).
     """
     global chains_trained
     settings = settings if isinstance(settings, FLSettings) else FLSettings.from_dict(settings)
@@ -569,7 +571,7 @@ def train_chain(
         return {r: s for r, s in stages.items() if s is not None}
 
     device = torch.device(device)
-    test = load_dataset(dataset, root=root, split="test", image_size=image_size)
+    test = test_set if test_set is not None else load_dataset(dataset, root=root, split="test", image_size=image_size)
     test_images, test_labels = test.load_all(), test.labels
     model = create_victim(
         victim, num_classes=test.num_classes, image_size=image_size, seed=seed, **victim_params
@@ -634,7 +636,10 @@ class ChainRequest:
         )
 
     def train(
-        self, cache_dir: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        test_set: ImageSet | None = None,
     ) -> dict[int, dict[str, Any]]:
         """train_chain for this request's rounds (loads what the cache holds)."""
         return train_chain(
@@ -648,7 +653,39 @@ class ChainRequest:
             root=self.data_root,
             cache_dir=cache_dir,
             device=device,
+            test_set=test_set,
         )
+
+    def cached(self, cache_dir: str | os.PathLike[str] | None = None) -> bool:
+        """Whether every requested round is in the cache already (nothing to load data for or train)."""
+        identity = (self.dataset, self.image_size, self.victim, self.victim_params, self.settings, self.seed)
+        folder = resolve_cache_dir(cache_dir)
+        return all((folder / f"{stage_key(*identity, r)}.pt").exists() for r in self.rounds)
+
+    def data_identity(self) -> tuple[str, str | None, int]:
+        """What its test split depends on: chains that share it can share one decoded copy."""
+        return self.dataset, self.data_root, self.image_size
+
+
+def train_chains(
+    requests: Sequence[ChainRequest],
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[dict[int, dict[str, Any]]]:
+    """`request.train()` for each request in one process, decoding each test split once for all of them
+    (the untrained chains of a sweep, one per seed and victim, need nothing else: decoding is their cost)."""
+    splits: dict[tuple[str, str | None, int], ImageSet] = {}
+    out = []
+    for request in requests:
+        identity = request.data_identity()
+        if request.cached(cache_dir):  # loads its stages only: needs no data
+            out.append(request.train(cache_dir=cache_dir, device=device))
+            continue
+        if identity not in splits:
+            splits[identity] = load_dataset(request.dataset, root=request.data_root, split="test",
+                                            image_size=request.image_size)  # fmt: skip
+        out.append(request.train(cache_dir=cache_dir, device=device, test_set=splits[identity]))
+    return out
 
 
 def _request_of(spec: TrialSpec) -> ChainRequest:

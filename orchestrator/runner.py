@@ -473,26 +473,44 @@ def _fetch_stage(ref: Any) -> dict[str, Any] | None:
         return None
 
 
-def _train_chain(request: Any, cache_dir: str | None, cpu: float, gpu: float) -> tuple[Any, ...]:
-    """Ray task: one FedAvg chain -> (summary, stage of each requested round in order)."""
+def _train_chains(requests: list[Any], cache_dir: str | None, cpu: float, gpu: float) -> tuple[Any, ...]:
+    """Ray task: FedAvg chains -> (a summary per chain, then every chain's stages of its requested rounds, in
+    order). Several chains share one task only when none needs training (see `_task_groups`)."""
     import torch
 
     from grnn_engine import fl
 
     torch.set_num_threads(max(1, int(cpu)))
     device = "cuda" if gpu > 0 and torch.cuda.is_available() else "cpu"
-    folder = fl.resolve_cache_dir(cache_dir)
-    identity = (request.dataset, request.image_size, request.victim, request.victim_params, request.settings,
-                request.seed)  # fmt: skip
-    cached = all((folder / f"{fl.stage_key(*identity, r)}.pt").exists() for r in request.rounds)
+    cached = [request.cached(cache_dir) for request in requests]
     before = fl.chains_trained
-    stages = request.train(cache_dir=cache_dir, device=device)
-    summary = {
-        "trained": fl.chains_trained > before,
-        "cached": cached,
-        "accuracy": {int(r): float(s["model_acc"]) for r, s in stages.items()},
-    }
-    return (summary, *(stages[r] for r in request.rounds))
+    chains = fl.train_chains(requests, cache_dir=cache_dir, device=device)
+    summaries = [
+        {
+            "trained": fl.chains_trained > before and request.rounds != (0,),
+            "cached": was_cached,
+            "accuracy": {int(r): float(s["model_acc"]) for r, s in stages.items()},
+        }
+        for request, was_cached, stages in zip(requests, cached, chains, strict=True)
+    ]
+    return (summaries, *(stages[r] for request, stages in zip(requests, chains, strict=True) for r in request.rounds))
+
+
+def _task_groups(requests: Sequence[Any], parallel: int) -> list[list[Any]]:
+    """One Ray task per chain that trains. The untrained (round-0-only) chains of one dataset split and image
+    size are dealt to at most `parallel` tasks (the slots the cluster has for them), so that the split,
+    decoded to measure each untrained model's accuracy, is decoded once per task rather than once per seed
+    and victim (10,000 JPEGs for CIFAR-10: seconds each), while large victims still evaluate in parallel."""
+    trained = [[r] for r in requests if r.rounds != (0,)]
+    untrained: dict[Any, list[Any]] = {}
+    for request in requests:
+        if request.rounds == (0,):
+            untrained.setdefault(request.data_identity(), []).append(request)
+    dealt = []
+    for chains in untrained.values():
+        tasks = min(len(chains), max(1, parallel))
+        dealt += [chains[i::tasks] for i in range(tasks)]
+    return trained + dealt
 
 
 def _own(ref: Any) -> Any:
@@ -542,39 +560,44 @@ def prepare_stages(
     if log:
         rounds = sum(len(r.rounds) for r in requests)
         log(f"FL stages: {len(requests)} chains ({rounds} stages) to load or train, cache {cache_dir}")
-    task = ray.remote(_train_chain)
+    task = ray.remote(_train_chains)
     submitted = []
-    for request in requests:
+    resources = ray.cluster_resources()
+    parallel = int(resources.get("GPU", 0) // gpu) if gpu > 0 else int(resources.get("CPU", 1) // max(cpu, 1e-3))
+    for group in _task_groups(requests, parallel):
         refs: list[Any] = task.options(  # type: ignore[assignment]  # num_returns > 1: a list of refs
-            num_cpus=cpu, num_gpus=gpu, num_returns=1 + len(request.rounds), max_retries=1,
-            name=f"fl-chain-{request.key()[:8]}",
-        ).remote(request, cache_dir, cpu, gpu)  # fmt: skip
-        submitted.append((request, refs))
+            num_cpus=cpu, num_gpus=gpu, num_returns=1 + sum(len(r.rounds) for r in group), max_retries=1,
+            name=f"fl-chain-{group[0].key()[:8]}" + (f"+{len(group) - 1}" if len(group) > 1 else ""),
+        ).remote(group, cache_dir, cpu, gpu)  # fmt: skip
+        submitted.append((group, refs))
     while submitted:  # popped: the task's own objects are freed once the driver holds its copies
-        request, refs = submitted.pop(0)
-        chain = request.key()
+        group, refs = submitted.pop(0)
         try:
-            summary = ray.get(refs[0])
+            summaries = ray.get(refs[0])
         except Exception as err:  # noqa: BLE001  (a failed chain fails its trials, not the sweep)
             cause = getattr(err, "cause", None) or err
             text = str(cause).strip().splitlines()
-            plan.errors[chain] = (type(cause).__name__, (text[-1] if text else repr(cause))[:1500])
+            for request in group:
+                plan.errors[request.key()] = (type(cause).__name__, (text[-1] if text else repr(cause))[:1500])
             for ref in refs[1:]:  # fetched too, or Ray prints each unfetched error with its traceback
                 try:
                     ray.get(ref)
                 except Exception:  # noqa: BLE001, S110  (the same error, recorded above)
                     pass
             continue
-        if summary["trained"]:
-            plan.trained.append(chain)
-        elif summary["cached"]:
-            plan.cached.append(chain)
-        for r, ref in zip(request.rounds, refs[1:], strict=True):
-            owned = _own(ref)
-            if owned is not None:  # else the trials load the stage from the cache (or train it) themselves
-                plan.refs[_stage_id(chain, r)] = owned
-        for r, acc in summary["accuracy"].items():
-            plan.accuracy[_stage_id(chain, r)] = acc
+        stage_refs = iter(refs[1:])
+        for request, summary in zip(group, summaries, strict=True):
+            chain = request.key()
+            if summary["trained"]:
+                plan.trained.append(chain)
+            elif summary["cached"]:
+                plan.cached.append(chain)
+            for r in request.rounds:
+                owned = _own(next(stage_refs))
+                if owned is not None:  # else the trials load the stage from the cache (or train it) themselves
+                    plan.refs[_stage_id(chain, r)] = owned
+            for r, acc in summary["accuracy"].items():
+                plan.accuracy[_stage_id(chain, r)] = acc
     if log:
         untrained = len(requests) - len(plan.trained) - len(plan.cached) - len(plan.errors)
         log(

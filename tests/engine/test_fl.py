@@ -280,6 +280,28 @@ def test_stage_requests_group_trials_into_chains() -> None:
         stage_requests([TrialSpec(fl={"bogus": 1})])
 
 
+def test_untrained_chains_decode_their_test_split_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[tuple[str, str]] = []
+
+    def counted(name: str, **kwargs: Any) -> Any:  # the real loader, counted
+        loads.append((name, kwargs["split"]))
+        return load_dataset(name, **kwargs)
+
+    requests = stage_requests([TrialSpec(dataset="digits", victim=v, seed=s) for v in ("lenet", "lenet_zhu")
+                               for s in (0, 1)])  # fmt: skip
+    monkeypatch.setattr(fl, "load_dataset", counted)
+    together = fl.train_chains(requests, cache_dir=tmp_path / "together")
+    assert loads == [("digits", "test")]  # four untrained models, one decoded split
+    alone = [r.train(cache_dir=tmp_path / "alone") for r in requests]
+    assert len(loads) == 5
+    assert [c[0]["model_acc"] for c in together] == [c[0]["model_acc"] for c in alone]
+    assert len({c[0]["model_acc"] for c in together}) > 1  # four different models, not one answer four times
+    # cached: loading them again needs no data at all
+    assert [c[0]["model_acc"] for c in fl.train_chains(requests, cache_dir=tmp_path / "together")] == [
+        c[0]["model_acc"] for c in together
+    ] and len(loads) == 5
+
+
 # ---------------------------------------------------------------------------------------------- accountant
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from grnn_engine import fl
+from grnn_engine.trial_spec import TrialSpec
 from orchestrator import runner, sweep
 from orchestrator.results import load
 from orchestrator.spec import load_spec
@@ -93,3 +94,21 @@ def test_a_chain_that_cannot_train_fails_its_cells_and_the_sweep_goes_on(
     assert len(df) == 2 and (df["status"] == "FAILED").all()
     assert df["error"].str.startswith("FL training stage failed").all()
     assert (df["error_type"] == "DataError").all()
+
+
+def test_untrained_chains_share_one_task_and_every_stage_reaches_the_plan(
+    tmp_path: Path, ray_session: None
+) -> None:
+    untrained = [TrialSpec(dataset="digits", victim=v, seed=s) for v in ("lenet", "lenet_zhu") for s in (0, 1)]
+    trained = TrialSpec(dataset="digits", victim="lenet", seed=0, fl_round=2, fl=FAST_FL)
+    requests = fl.stage_requests([*untrained, trained])
+    # the untrained models are dealt to as many tasks as there are slots, each decoding digits once
+    assert [len(g) for g in runner._task_groups(requests, parallel=1)] == [1, 4]
+    assert [[r.seed for r in g] for g in runner._task_groups(requests, parallel=2)] == [[0], [0, 0], [1, 1]]
+    assert [len(g) for g in runner._task_groups(requests, parallel=8)] == [1, 1, 1, 1, 1]
+    plan = runner.prepare_stages([*untrained, trained], cache_dir=str(tmp_path))
+    assert plan.errors == {} and plan.trained == [fl.chain_key(trained)] and len(plan.refs) == 5
+    for spec in [*untrained, trained]:
+        expected = fl.stage_for_trial(spec, tmp_path)  # from the cache the task wrote
+        assert plan.load(spec).stage["model_acc"] == expected["model_acc"]
+        assert plan.accuracy[runner._stage_id(fl.chain_key(spec), spec.fl_round)] == expected["model_acc"]
