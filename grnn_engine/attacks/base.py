@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -59,16 +59,33 @@ class Reconstruction:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class AttackInputs:
+    """What an attack's `_run` works from: the model's trainable parameters, the shared gradient as detached
+    tensors on their device and dtype (`attack_inputs`), and the request `reconstruct` was given."""
+
+    params: list[Tensor]
+    target: list[Tensor]
+    num_classes: int
+    batch_size: int
+    image_shape: tuple[int, int, int]
+    generator: torch.Generator
+    progress: ProgressFn | None
+    evaluate: EvaluateFn | None
+    eval_every: int
+
+
 class Attack(ABC):
-    """Base of every attack. Subclasses take their settings as keyword arguments in `__init__`.
+    """Base of every attack. Subclasses take their settings as keyword arguments in `__init__`, name
+    themselves in `name`, and implement `_run`.
 
     `reconstruct` must be deterministic given `generator` (CPU), use only `model` and `shared_update`,
     and return images clamped to [0, 1]. `iterations` is the number of optimisation steps it will run.
     """
 
+    name: ClassVar[str]
     iterations: int
 
-    @abstractmethod
     def reconstruct(
         self,
         model: nn.Module,
@@ -83,6 +100,14 @@ class Attack(ABC):
         eval_every: int = 50,
     ) -> Reconstruction:
         """Recover the client's batch from `shared_update` on `model`."""
+        params, target = attack_inputs(self.name, model, shared_update, batch_size=batch_size, eval_every=eval_every)
+        inputs = AttackInputs(params, target, num_classes, batch_size, image_shape, generator, progress, evaluate,
+                              eval_every)  # fmt: skip
+        return self._run(model, inputs)
+
+    @abstractmethod
+    def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        """The attack itself, on checked inputs."""
 
 
 ATTACKS: Registry[Attack] = Registry("attack")

@@ -9,7 +9,6 @@ The L-BFGS loop lives here and is shared with iDLG, which differs only in fixing
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -18,12 +17,9 @@ from torch import Tensor, nn
 from grnn_engine.attacks.base import (
     ATTACKS,
     Attack,
+    AttackInputs,
     BestIterate,
-    EvaluateFn,
-    ProgressFn,
     Reconstruction,
-    SharedUpdate,
-    attack_inputs,
     log_iteration,
     random_start,
     squared_gradient_distance,
@@ -44,8 +40,7 @@ def check_lbfgs_settings(name: str, iterations: int, max_iter: int, lr: float) -
 
 def lbfgs_gradient_matching(
     model: nn.Module,
-    params: Sequence[Tensor],
-    target: Sequence[Tensor],
+    inputs: AttackInputs,
     dummy: Tensor,
     *,
     logits: Tensor | None,
@@ -53,9 +48,6 @@ def lbfgs_gradient_matching(
     iterations: int,
     max_iter: int,
     lr: float,
-    eval_every: int,
-    evaluate: EvaluateFn | None,
-    progress: ProgressFn | None,
 ) -> tuple[list[Tensor], list[dict[str, float]]]:
     """Fit `dummy` (and `logits` when given, else fixed `labels`) by L-BFGS on the squared gradient distance.
 
@@ -63,6 +55,8 @@ def lbfgs_gradient_matching(
     evaluation) and the history. Stops at the first non-finite step loss: L-BFGS diverges on some real
     images, and the best finite iterate is then still a fair (poor) answer.
     """
+    params, target = inputs.params, inputs.target
+    eval_every, evaluate, progress = inputs.eval_every, inputs.evaluate, inputs.progress
     variables = [dummy] if logits is None else [dummy, logits]
     optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=max_iter)
     best = BestIterate(*variables)
@@ -113,25 +107,12 @@ class DLG(LbfgsAttack):
 
     name = "dlg"
 
-    def reconstruct(
-        self,
-        model: nn.Module,
-        shared_update: SharedUpdate,
-        *,
-        num_classes: int,
-        batch_size: int,
-        image_shape: tuple[int, int, int],
-        generator: torch.Generator,
-        progress: ProgressFn | None = None,
-        evaluate: EvaluateFn | None = None,
-        eval_every: int = 50,
-    ) -> Reconstruction:
-        params, target = attack_inputs("dlg", model, shared_update, batch_size=batch_size, eval_every=eval_every)
-        dummy = random_start((batch_size, *image_shape), generator, like=params[0])
-        logits = random_start((batch_size, num_classes), generator, like=params[0])
+    def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        dummy = random_start((inputs.batch_size, *inputs.image_shape), inputs.generator, like=inputs.params[0])
+        logits = random_start((inputs.batch_size, inputs.num_classes), inputs.generator, like=inputs.params[0])
         (images, best_logits), history = lbfgs_gradient_matching(
-            model, params, target, dummy, logits=logits, labels=None, iterations=self.iterations,
-            max_iter=self.max_iter, lr=self.lr, eval_every=eval_every, evaluate=evaluate, progress=progress,
+            model, inputs, dummy, logits=logits, labels=None, iterations=self.iterations, max_iter=self.max_iter,
+            lr=self.lr,
         )
         return Reconstruction(
             images=images.clamp(0, 1), labels=best_logits.argmax(dim=1).long(), history=history

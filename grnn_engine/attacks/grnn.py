@@ -33,12 +33,11 @@ from torch import Tensor, nn
 from grnn_engine.attacks.base import (
     ATTACKS,
     Attack,
+    AttackInputs,
     BestIterate,
     EvaluateFn,
     ProgressFn,
     Reconstruction,
-    SharedUpdate,
-    attack_inputs,
     labels_from_gradient,
     soft_cross_entropy,
     squared_gradient_distance,
@@ -271,6 +270,8 @@ class GRNN(Attack):
       SGD on the pixels themselves (boxed to [0, 1]) from the restarts' answer; 0 = none.
     """
 
+    name = "grnn"
+
     def __init__(
         self,
         *,
@@ -376,20 +377,10 @@ class GRNN(Attack):
             )
         return optimizer, scheduler
 
-    def reconstruct(
-        self,
-        model: nn.Module,
-        shared_update: SharedUpdate,
-        *,
-        num_classes: int,
-        batch_size: int,
-        image_shape: tuple[int, int, int],
-        generator: torch.Generator,
-        progress: ProgressFn | None = None,
-        evaluate: EvaluateFn | None = None,
-        eval_every: int = 50,
-    ) -> Reconstruction:
-        params, target = attack_inputs("grnn", model, shared_update, batch_size=batch_size, eval_every=eval_every)
+    def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        params, target, generator = inputs.params, inputs.target, inputs.generator
+        num_classes, batch_size, image_shape = inputs.num_classes, inputs.batch_size, inputs.image_shape
+        progress, evaluate, eval_every = inputs.progress, inputs.evaluate, inputs.eval_every
         objective = _Loss(target, self.distance, self.cosine_weight)
         tv_weight = self._tv_weight(params)
         fixed_labels = None

@@ -7,16 +7,12 @@ with DLG's L-BFGS loop and defaults, against the victim's gradient on those hard
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from grnn_engine.attacks.base import (
     ATTACKS,
-    EvaluateFn,
-    ProgressFn,
+    AttackInputs,
     Reconstruction,
-    SharedUpdate,
-    attack_inputs,
     labels_from_gradient,
     random_start,
 )
@@ -29,26 +25,12 @@ class IDLG(LbfgsAttack):
 
     name = "idlg"
 
-    def reconstruct(
-        self,
-        model: nn.Module,
-        shared_update: SharedUpdate,
-        *,
-        num_classes: int,
-        batch_size: int,
-        image_shape: tuple[int, int, int],
-        generator: torch.Generator,
-        progress: ProgressFn | None = None,
-        evaluate: EvaluateFn | None = None,
-        eval_every: int = 50,
-    ) -> Reconstruction:
-        params, target = attack_inputs("idlg", model, shared_update, batch_size=batch_size, eval_every=eval_every)
-        labels = labels_from_gradient(
-            model, target, batch_size=batch_size, image_shape=image_shape, generator=generator
-        )
-        dummy = random_start((batch_size, *image_shape), generator, like=params[0])
+    def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        labels = labels_from_gradient(model, inputs.target, batch_size=inputs.batch_size,
+                                      image_shape=inputs.image_shape, generator=inputs.generator)  # fmt: skip
+        dummy = random_start((inputs.batch_size, *inputs.image_shape), inputs.generator, like=inputs.params[0])
         (images,), history = lbfgs_gradient_matching(
-            model, params, target, dummy, logits=None, labels=labels, iterations=self.iterations,
-            max_iter=self.max_iter, lr=self.lr, eval_every=eval_every, evaluate=evaluate, progress=progress,
+            model, inputs, dummy, logits=None, labels=labels, iterations=self.iterations, max_iter=self.max_iter,
+            lr=self.lr,
         )
         return Reconstruction(images=images.clamp(0, 1), labels=labels.long(), history=history)

@@ -23,12 +23,11 @@ from torch import Tensor, nn
 from grnn_engine.attacks.base import (
     ATTACKS,
     Attack,
+    AttackInputs,
     BestIterate,
     EvaluateFn,
     ProgressFn,
     Reconstruction,
-    SharedUpdate,
-    attack_inputs,
     labels_from_gradient,
     log_iteration,
     random_start,
@@ -72,6 +71,8 @@ class InvertingGradients(Attack):
     weight), distance ("layer_cosine" or "cosine").
     """
 
+    name = "ig"
+
     def __init__(
         self,
         *,
@@ -98,20 +99,10 @@ class InvertingGradients(Attack):
         self.tv_weight = tv_weight
         self.distance = distance
 
-    def reconstruct(
-        self,
-        model: nn.Module,
-        shared_update: SharedUpdate,
-        *,
-        num_classes: int,
-        batch_size: int,
-        image_shape: tuple[int, int, int],
-        generator: torch.Generator,
-        progress: ProgressFn | None = None,
-        evaluate: EvaluateFn | None = None,
-        eval_every: int = 50,
-    ) -> Reconstruction:
-        params, target = attack_inputs("ig", model, shared_update, batch_size=batch_size, eval_every=eval_every)
+    def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        params, target, generator = inputs.params, inputs.target, inputs.generator
+        batch_size, image_shape = inputs.batch_size, inputs.image_shape
+        progress, evaluate, eval_every = inputs.progress, inputs.evaluate, inputs.eval_every
         labels = labels_from_gradient(
             model, target, batch_size=batch_size, image_shape=image_shape, generator=generator
         )

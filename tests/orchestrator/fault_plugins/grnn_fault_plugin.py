@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import grnn_engine
-from grnn_engine.attacks.base import ATTACKS, Attack, Reconstruction
+from grnn_engine.attacks.base import ATTACKS, Attack, AttackInputs, Reconstruction
 from grnn_engine.attacks.grnn import GRNN
 
 MODES = ("ok", "raise", "nan", "hang", "sleep", "cuda_oom", "memcap", "exit", "slow_import", "import")
@@ -63,14 +63,16 @@ def _address_space() -> int:
 
 @ATTACKS.register("fault")
 class FaultAttack(Attack):
+    name = "fault"
+
     def __init__(self, mode: str = "ok", iterations: int = 5) -> None:
         if mode not in MODES:
             raise grnn_engine.ConfigError(f"fault mode '{mode}' is not known; allowed: {', '.join(MODES)}")
         self.mode = mode
         self.iterations = iterations
 
-    def reconstruct(self, model: Any, shared_update: Any, **kw: Any) -> Reconstruction:
-        batch, shape = kw["batch_size"], kw["image_shape"]
+    def _run(self, model: Any, inputs: AttackInputs) -> Reconstruction:
+        batch, shape = inputs.batch_size, inputs.image_shape
         if self.mode == "raise":
             raise ValueError("injected failure in step 1 (fault plugin)")
         if self.mode == "nan":
@@ -97,4 +99,4 @@ class FaultAttack(Attack):
             import slowpkg
 
             assert slowpkg.VALUE == 42
-        return GRNN(iterations=self.iterations).reconstruct(model, shared_update, **kw)
+        return GRNN(iterations=self.iterations)._run(model, inputs)
