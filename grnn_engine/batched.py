@@ -42,7 +42,7 @@ from grnn_engine.attacks.base import (
     ATTACKS,
     BestIterate,
     Reconstruction,
-    check_reconstruct_args,
+    attack_inputs,
     labels_from_gradient,
     soft_cross_entropy,
     squared_gradient_distance,
@@ -210,9 +210,7 @@ def _grnn_batched(
     batch, steps, eval_every = spec.batch_size, attack.steps_per_restart, spec.eval_every
     nets, noises, targets = [], [], []
     for trial in trials:
-        params = trainable_parameters(trial.model)
-        target = [t.detach() for t in trial.shared.as_gradient()]
-        check_reconstruct_args("grnn", target, params, batch_size=batch, eval_every=eval_every)
+        _, target = attack_inputs("grnn", trial.model, trial.shared, batch_size=batch, eval_every=eval_every)
         # The same draws from the trial's generator, in the same order, as GRNN._one_restart.
         init_seed = int(torch.randint(0, 2**62, (1,), generator=trial.generator))
         with torch.random.fork_rng(devices=[]):
@@ -293,10 +291,7 @@ def _ig_batched(
     dtype = victims.trainable[victims.names[0]].dtype
     labels, targets = [], []
     for trial in trials:
-        params = trainable_parameters(trial.model)
-        shared = trial.shared.as_gradient()
-        check_reconstruct_args("ig", shared, params, batch_size=batch, eval_every=eval_every)
-        target = [t.detach().to(device=device, dtype=dtype) for t in shared]
+        _, target = attack_inputs("ig", trial.model, trial.shared, batch_size=batch, eval_every=eval_every)
         labels.append(labels_from_gradient(
             trial.model, target, batch_size=batch, image_shape=image_shape,
             generator=trial.generator,

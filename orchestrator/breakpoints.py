@@ -218,9 +218,7 @@ def _display(table: pd.DataFrame, has_utility: bool) -> pd.DataFrame:
         at, low = r["breaking_strength"], r["strength_low"]
         if not _finite(at):  # never broken: the strongest strength tested still let the attack through
             strength, bracket = f"not broken (> {_short(low)})", f"({_short(low)}, beyond the range)"
-        elif not _finite(
-            low
-        ):  # broken at the weakest strength tested: the breaking point may be weaker still
+        elif not _finite(low):  # broken at the weakest strength tested: the breaking point may be weaker still
             strength, bracket = _short(at), f"(not tested below, {_short(at)}]"
         else:
             strength, bracket = _short(at), f"({_short(low)}, {_short(at)}]"

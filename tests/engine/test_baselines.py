@@ -24,13 +24,7 @@ BASELINES = ("dlg", "idlg", "ig")
 IMAGE_SHAPE = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Several people share two cores; one thread each is also what makes timings here stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,10 @@ batch's time, so their wall_s are the same number.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from grnn_engine import TrialSpec, run_trial
 from orchestrator import sweep
@@ -30,13 +28,7 @@ GRNN = {"name": "grnn", "params": {"iterations": 10}, "eval_every": 5}
 DLG = {"name": "dlg", "params": {"iterations": 2}, "eval_every": 1}  # no batched loop: runs alone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # In-process trials on a shared machine: one thread, as a one-CPU Ray trial gets.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
