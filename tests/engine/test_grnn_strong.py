@@ -23,7 +23,8 @@ KNOBS = {  # preset key -> attribute of the attack that holds it
     "cosine_weight": "cosine_weight", "tv_weight": "tv_weight", "width": "width", "labels": "labels",
     "select": "select", "generator_norm": "generator_norm", "chroma_weight": "chroma_weight",
     "combine": "combine", "refine_iterations": "refine_iterations", "refine_lr": "refine_lr",
-    "refine_tv_weight": "refine_tv_weight",
+    "refine_tv_weight": "refine_tv_weight", "soft_pool": "soft_pool", "soft_pool_end": "soft_pool_end",
+    "soft_pool_fraction": "soft_pool_fraction",
 }
 
 
@@ -70,6 +71,9 @@ def test_explicit_knobs_override_the_preset() -> None:
         ({"labels": "oracle"}, "labels must be one of learned, inferred"),
         ({"refine_iterations": -1}, "refine_iterations must be an integer >= 0"),
         ({"chroma_weight": -1.0}, "chroma_weight must be a finite number >= 0"),
+        ({"soft_pool": -0.1}, "soft_pool must be a finite number >= 0"),
+        ({"soft_pool_end": 0}, "soft_pool_end must be a finite number > 0"),
+        ({"soft_pool_fraction": 1.0}, r"soft_pool_fraction must be a number in \(0, 1\) \(got 1.0\)"),
     ],
 )
 def test_bad_settings_are_config_errors(params: dict[str, object], message: str) -> None:
@@ -113,3 +117,22 @@ def test_colour_total_variation_penalises_chroma_more_than_brightness() -> None:
     colour[:, 0] = colour[:, 0].flip(-1)  # same brightness edges per channel, now in colour
     assert colour_total_variation(grey, 3.0) < colour_total_variation(colour, 3.0)
     assert colour_total_variation(colour, 3.0) > colour_total_variation(colour, 1.0)
+
+
+def test_softened_phases_are_logged_and_never_selected() -> None:
+    """Each phase starts on the softened victim (logged with its temperature) and ends on the exact one;
+    the answer's exact gradient loss is the lowest logged among the exact iterates."""
+    model, update, _ = _digit_update(1, seed=2)
+    attack = ATTACKS.create("grnn", preset="strong", iterations=10, refine_iterations=10)
+    recon = attack.reconstruct(model, update, num_classes=10, batch_size=1, image_shape=(3, 32, 32),
+                               generator=torch.Generator().manual_seed(2), eval_every=1)
+    temperatures = [h.get("pool_temperature") for h in recon.history]
+    assert len(temperatures) == 20
+    for phase in (temperatures[:10], temperatures[10:]):
+        assert all(t is not None for t in phase[:8]) and phase[8:] == [None, None]
+        assert phase[0] == pytest.approx(PRESETS["strong"]["soft_pool"])
+    params = trainable_parameters(model)
+    fake = victim_gradient(model, params, recon.images, recon.labels, create_graph=False)
+    answer = float(squared_gradient_distance(fake, update.tensors))
+    exact_refine = [h["grad_loss"] for h in recon.history[10:] if "pool_temperature" not in h]
+    assert answer <= min(exact_refine) * (1 + 1e-4)
