@@ -323,6 +323,14 @@ class Ledger:
                     continue
         return removed
 
+    def close_run(self, started_ns: int) -> Path:
+        """What every sweep run ends with: compact the parts into trials.parquet (returned), then delete the
+        temporaries of writes torn by a killed earlier run. This run's own writes are all renamed by then,
+        and a writer beside it (`--compact`, a report) began after `started_ns`, so neither is touched."""
+        path = self.compact()
+        self.remove_temporaries(older_than_ns=started_ns)
+        return path
+
     # compaction and loading ------------------------------------------------------------------------
     def _newest_part_ns(self, parts: Iterable[Path]) -> int:
         newest = 0

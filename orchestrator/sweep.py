@@ -285,8 +285,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     ledger.write_spec(spec.to_yaml(), spec.spec_hash())
 
     if not left:
-        ledger.compact()
-        ledger.remove_temporaries(older_than_ns=started_ns)
+        ledger.close_run(started_ns)
         summary = SweepSummary(
             name=spec.name, cells=trials, ran=0, complete=0, failed=0, timeout=0, wall_s=0.0,
             trial_wall_s=0.0, slots=0, results_path=str(ledger.trials_path),
@@ -321,10 +320,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         else:
             summary = runner.run_cells(todo, ledger, options, strict_resources=embedded)
     finally:
-        ledger.compact()
-        # Torn writes of a killed earlier run (a part's temporary that was never renamed); this run's own
-        # writes are all renamed by now, and a writer beside it (--compact, a report) began after it.
-        ledger.remove_temporaries(older_than_ns=started_ns)
+        ledger.close_run(started_ns)
         runner.stop_ray(started)
     summary.cells = trials
     print(summary.format())
