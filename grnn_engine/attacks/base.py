@@ -259,13 +259,15 @@ def log_iteration(
     images: Tensor,
     evaluate: EvaluateFn | None,
     progress: ProgressFn | None,
+    extra: dict[str, float] | None = None,
 ) -> float:
-    """Append one history entry (iteration, grad_loss, psnr if `evaluate`), report it, return grad_loss.
+    """Append one history entry (iteration, grad_loss, the attack's `extra` keys, psnr if `evaluate`), report
+    it, return grad_loss.
 
-    This is the only place the baselines read a loss on the host, so it sets the cadence of device syncs.
+    This is the only place the attacks read a loss on the host, so it sets the cadence of device syncs.
     """
     value = float(grad_loss.detach() if isinstance(grad_loss, Tensor) else grad_loss)
-    entry: dict[str, float] = {"iteration": iteration, "grad_loss": value}
+    entry: dict[str, float] = {"iteration": iteration, "grad_loss": value, **(extra or {})}
     if evaluate is not None:
         entry["psnr"] = evaluate(images.detach().clamp(0, 1))
     history.append(entry)

@@ -38,6 +38,7 @@ from grnn_engine.attacks.base import (
     BestIterate,
     Reconstruction,
     labels_from_gradient,
+    log_iteration,
     soft_cross_entropy,
     squared_gradient_distance,
     total_variation,
@@ -434,17 +435,13 @@ class GRNN(Attack):
 
     def _log(self, fit: _Fit, iteration: int, squared: Tensor, images: Tensor, temperature: float | None,
              extra: dict[str, float]) -> bool:
-        """Append one history entry (and report progress); False when the gradient loss is not finite."""
-        grad_loss = float(squared.detach())
-        entry: dict[str, float] = {"iteration": iteration, "grad_loss": grad_loss, **extra}
+        """Log one iteration (`log_iteration`); False when its gradient loss is not finite."""
         if temperature is not None:
-            entry["pool_temperature"] = temperature  # grad_loss is the softened victim's
-        if fit.inputs.evaluate is not None:
-            entry["psnr"] = fit.inputs.evaluate(images.detach())
-        fit.history.append(entry)
-        if fit.inputs.progress is not None:
-            fit.inputs.progress({**entry, "iterations": self.iterations})
-        return math.isfinite(grad_loss)
+            extra = {**extra, "pool_temperature": temperature}  # grad_loss is then the softened victim's
+        value = log_iteration(fit.history, iteration=iteration, iterations=self.iterations, grad_loss=squared,
+                              images=images, evaluate=fit.inputs.evaluate, progress=fit.inputs.progress,
+                              extra=extra)
+        return math.isfinite(value)
 
     def _one_restart(self, fit: _Fit, restart: int) -> tuple[Tensor, Tensor, float]:
         """One generator fitted from a fresh start: (its images, hard labels, their gradient loss)."""
@@ -487,10 +484,13 @@ class GRNN(Attack):
                 scheduler.step()
 
             if it % inputs.eval_every == 0 or it == steps:
-                extra = {}
+                extra: dict[str, float] = {}
                 if self.restarts > 1:
-                    extra = {"restart": restart,
-                             "best_grad_loss": float(keep.loss) if keep is not None else float(squared.detach())}
+                    extra["restart"] = restart
+                    best = float(keep.loss) if keep is not None else float(squared.detach())
+                    # No restart's best yet while it fits the softened victim: its losses do not compare.
+                    if temperature is None or math.isfinite(best):
+                        extra["best_grad_loss"] = best
                 if not self._log(fit, offset + it, squared, images, temperature, extra):
                     break
 
