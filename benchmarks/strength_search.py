@@ -88,7 +88,7 @@ STAGES: dict[str, dict[str, dict[str, Any]]] = {
                                       "chroma_weight": 3.0, "tv_weight": 0.1, "cosine_weight": 1.0},
     },
     # 2026-11-30: the victim's max-pools softened and annealed back to the exact model (attacks/soft_pool.py),
-    # which lets the fit reach a 10-50x lower gradient loss; all at 3000 evaluations but the first.
+    # which lets the fit reach a 25-60x lower gradient loss; all at 3000 evaluations but the first.
     "soft_pool": {
         "soft_1k_ref1k": {**_SOFT, "iterations": 1000, "refine_lr": 0.3, "soft_pool": 0.1, "soft_pool_end": 1e-3,
                           "tv_weight": 0.1, "refine_tv_weight": 0.1},
