@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-__all__ = ["STRENGTH", "ReportPart", "breaking_points", "grid_position", "report_part", "within_one_step"]
+from orchestrator.report_section import Section
+
+__all__ = ["STRENGTH", "breaking_points", "grid_position", "report_part", "within_one_step"]
 
 # defense -> (parameter that sets its strength, +1 if a larger value is stronger, -1 if a smaller one is)
 STRENGTH: dict[str, tuple[str, int]] = {
@@ -196,16 +197,6 @@ def within_one_step(
 # ---------------------------------------------------------------------------------------------- report
 
 
-@dataclass
-class ReportPart:
-    """A report section as plain data (orchestrator.report wraps it; this module does not import the report)."""
-
-    title: str
-    intro: str
-    table: pd.DataFrame | None = None
-    notes: list[str] = field(default_factory=list)
-
-
 def _short(value: Any) -> str:
     return "—" if not _finite(value) else f"{float(value):.4g}"
 
@@ -244,8 +235,8 @@ def _display(table: pd.DataFrame, has_utility: bool) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def report_part(result_dir: str | Path, df: pd.DataFrame) -> list[ReportPart]:
-    """The "Breaking points" section of the report of `result_dir`, whose rows are `df`: one ReportPart when
+def report_part(result_dir: str | Path, df: pd.DataFrame) -> list[Section]:
+    """The "Breaking points" section of the report of `result_dir`, whose rows are `df`: one Section when
     its spec.yaml searches a breaking point and `df` holds searched rows (`search_id`), else none."""
     if "search_id" not in df.columns or not df["search_id"].map(lambda v: isinstance(v, str)).any():
         return []
@@ -260,7 +251,7 @@ def report_part(result_dir: str | Path, df: pd.DataFrame) -> list[ReportPart]:
     except (OSError, GrnnError) as err:  # a report still opens; the note says why the table is missing
         reason = "it has no spec.yaml" if not spec_path.is_file() else f"its spec.yaml does not load ({err})"
         note = f"Skipped: the rows were searched, but {reason}, so the breaking-point threshold is unknown."
-        return [ReportPart(title, "", notes=[note])]
+        return [Section(title, "", notes=[note])]
     search = spec.search
     if not isinstance(search, OptunaSearch) or search.breaking_point is None:
         return []  # an objectives search: its result is the privacy-utility front
@@ -285,5 +276,5 @@ def report_part(result_dir: str | Path, df: pd.DataFrame) -> list[ReportPart]:
         intro += " 'accuracy with the defense in training': what FedAvg reaches with every client defended."
     if table.empty:
         note = "Skipped: no complete searched trial has a defense strength and a finite " + metric + "."
-        return [ReportPart(title, intro, notes=[note])]
-    return [ReportPart(title, intro, table=_display(table, has_utility))]
+        return [Section(title, intro, notes=[note])]
+    return [Section(title, intro, table=_display(table, has_utility))]

@@ -31,8 +31,6 @@ from orchestrator.report import (
     NotApplicable,
     _context_columns,
     _norm,
-    _save,
-    _Section,
     _select,
     _slug,
     _sort_text,
@@ -40,6 +38,7 @@ from orchestrator.report import (
     defense_settings,
     with_settings,
 )
+from orchestrator.report_section import Section, save_figure
 from orchestrator.results import IMAGES_DIR, Ledger
 
 __all__ = ["faces_sections", "has_reid", "reid_gallery_figure", "reid_table"]
@@ -228,11 +227,11 @@ def reid_gallery_figure(
 # ---------------------------------------------------------------------------------------------- section
 
 
-def faces_sections(folder_in: Path, d: pd.DataFrame, out: Path, written: list[Path]) -> list[_Section]:
+def faces_sections(folder_in: Path, d: pd.DataFrame, out: Path, written: list[Path]) -> list[Section]:
     """The report's re-identification section, or none when the sweep ran without `reid`."""
     if not has_reid(d):
         return []
-    section = _Section(
+    section = Section(
         "Face re-identification",
         "Share of attacked photos whose reconstruction the identifier (trained on the gallery photos only, "
         "never on an attacked photo) ranks as the true person first (top-1) or among the first five "
@@ -253,7 +252,7 @@ def faces_sections(folder_in: Path, d: pd.DataFrame, out: Path, written: list[Pa
         except (NotApplicable, GrnnError) as err:
             section.notes.append(f"Gallery of {_describe(where)} skipped: {err}.")
             continue
-        section.figures.append((_save(fig, out, name, written), f"Re-identification: {_describe(where)}"))
+        section.figures.append((save_figure(fig, out, name, written), f"Re-identification: {_describe(where)}"))
     return [section]
 
 

@@ -43,6 +43,7 @@ from matplotlib.patches import Rectangle
 from grnn_engine.cli_values import OneLineParser, one_line
 from grnn_engine.errors import ConfigError, DataError, GrnnError
 from orchestrator import breakpoints
+from orchestrator.report_section import Section, save_figure
 from orchestrator.results import IMAGES_DIR, Ledger, load
 
 __all__ = [
@@ -857,29 +858,13 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Section:
-    title: str
-    intro: str = ""
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
-    table: pd.DataFrame | None = None
-    notes: list[str] = field(default_factory=list)
-
-
 def _slug(*parts: Any) -> str:
     text = "_".join(_norm(p) for p in parts if _norm(p) != "")
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")[:120] or "figure"
 
 
-def _save(fig: Figure, folder: Path, name: str, written: list[Path]) -> str:
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    written.append(path)
-    return path.name
-
-
-def _heatmap_section(d: pd.DataFrame, folder: Path, written: list[Path]) -> _Section:
-    section = _Section(
+def _heatmap_section(d: pd.DataFrame, folder: Path, written: list[Path]) -> Section:
+    section = Section(
         "Robustness heatmaps",
         "Each cell: the mean over seeds of complete trials, for one defense setting (rows, weakest at the "
         "top) and client batch size (columns). Hatched cells have no result (—) or only failed trials (fail).",
@@ -904,7 +889,7 @@ def _heatmap_section(d: pd.DataFrame, folder: Path, written: list[Path]) -> _Sec
             where = {c: first[c] for c in varying}
             attack = first["attack_setting"]
             fig = robustness_heatmap(d, attack, metric=metric, where=where, vmin=vmin, vmax=vmax)
-            name = _save(
+            name = save_figure(
                 fig,
                 folder,
                 _slug(
@@ -920,21 +905,21 @@ def _heatmap_section(d: pd.DataFrame, folder: Path, written: list[Path]) -> _Sec
 
 def _figure_section(
     title: str, intro: str, build: Any, folder: Path, name: str, written: list[Path]
-) -> _Section:
-    section = _Section(title, intro)
+) -> Section:
+    section = Section(title, intro)
     try:
         fig = build()
     except NotApplicable as err:
         section.notes.append(f"Skipped: {err}.")
         return section
-    section.figures.append((_save(fig, folder, name, written), title))
+    section.figures.append((save_figure(fig, folder, name, written), title))
     return section
 
 
-def _sections(folder_in: Path, df: pd.DataFrame, out: Path, written: list[Path]) -> list[_Section]:
+def _sections(folder_in: Path, df: pd.DataFrame, out: Path, written: list[Path]) -> list[Section]:
     d = with_settings(df)
     sections = [
-        _Section(
+        Section(
             "Success table",
             "The shape of the GRNN paper's Table 3: ✓ when the mean matched PSNR over seeds reaches the "
             f"sweep's success threshold ({_unique(d, 'success_psnr')} dB), ✗ when not; the number is that "
@@ -970,17 +955,14 @@ def _sections(folder_in: Path, df: pd.DataFrame, out: Path, written: list[Path])
         ),
     ]
     # A breaking-point search's table, right after the success table (none for other sweeps).
-    sections[1:1] = [
-        _Section(p.title, p.intro, table=p.table, notes=p.notes)
-        for p in breakpoints.report_part(folder_in, d)
-    ]
+    sections[1:1] = breakpoints.report_part(folder_in, d)
     # Face re-identification: table and galleries (none for sweeps run without `reid`). Imported here
     # because orchestrator.faces_report builds on this module's helpers.
     from orchestrator.faces_report import faces_sections
 
     sections += faces_sections(folder_in, d, out, written)
     failures = failures_table(d)
-    failed = _Section(
+    failed = Section(
         "Failures", f"{len(failures)} FAILED or TIMEOUT trial{'s' if len(failures) != 1 else ''}."
     )
     if len(failures):
@@ -1009,7 +991,7 @@ def _html_table(table: pd.DataFrame) -> str:
     return text.replace("✓ ", "✓<br>").replace("✗ ", "✗<br>")
 
 
-def _html(title: str, facts: dict[str, str], sections: list[_Section]) -> str:
+def _html(title: str, facts: dict[str, str], sections: list[Section]) -> str:
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -1052,7 +1034,7 @@ def _md_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown(title: str, facts: dict[str, str], sections: list[_Section]) -> str:
+def _markdown(title: str, facts: dict[str, str], sections: list[Section]) -> str:
     parts = [f"# {title}", "", "## Run facts", "", "| fact | value |", "|---|---|"]
     parts += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in facts.items() if k != "spec"]
     if facts.get("spec"):
