@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grnn_engine.attacks.base import trainable_parameters
+
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -79,7 +81,7 @@ class SoftenedVictim:
                         setattr(parent, name, pool)
                         self.pools.append(pool)
             self.soft_model = soft
-            self.soft_params = [p for p in soft.parameters() if p.requires_grad]
+            self.soft_params = trainable_parameters(soft)
 
     def temperature(self, iteration: int, steps: int) -> float | None:
         """T at `iteration` (1-based) of a phase of `steps`, or None where the phase runs the exact model."""
