@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from grnn_engine import TrialSpec, run_trial
+from grnn_engine.cli_values import user_error
 from grnn_engine.data import load_dataset
 from grnn_engine.errors import ConfigError, DataError
 from grnn_engine.reid import fit_identifier, reid_metrics
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             for column in ("reid_top1", "reid_top5", "reid_rank", "reid_clean_top1", "reid_random_top1"):
                 figures[f"{key}_{column}_id{id_seed}"] = round(float(m[column]), 4)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     print(json.dumps(figures))
     return 0
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from grnn_engine import TrialSpec, run_trial
+from grnn_engine.cli_values import user_error
 from grnn_engine.errors import ConfigError, DataError
 
 DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "dlg", "idlg", "ig"]
@@ -120,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{s['psnr']:6.2f} {s['ssim']:6.3f} {s['label_acc']:6.2f} "
                                   f"{s['s_per_trial']:8.1f}{note}", flush=True)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     print(json.dumps(figures))
     return 0
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from grnn_engine.cli_values import OneLineParser, one_line
+from grnn_engine.cli_values import OneLineParser, user_error
 from grnn_engine.errors import ConfigError, GrnnError
 from grnn_engine.trial_spec import SEED_MAX  # noqa: E402  (the bound the sweep spec uses too)
 
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except GrnnError as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return user_error(exc)
 
 
 def _run(args: argparse.Namespace) -> int:

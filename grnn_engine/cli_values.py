@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, NoReturn
 
 import yaml
@@ -15,6 +16,13 @@ def one_line(text: str) -> str:
     return, a lone surrogate from undecodable bytes) are shown escaped, as repr() would. Every command line
     prints its error through this, so an error is always one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def user_error(error: BaseException) -> int:
+    """Print a user's mistake as `error: <one line>` on stderr and return the exit status for it, 2: how every
+    command line ends on a bad value, a missing file or bad data, without a traceback."""
+    print(f"error: {one_line(str(error))}", file=sys.stderr)
+    return 2
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -40,7 +40,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from grnn_engine.cli_values import OneLineParser, one_line
+from grnn_engine.cli_values import OneLineParser, user_error
 from grnn_engine.errors import ConfigError, DataError, GrnnError
 from orchestrator import breakpoints
 from orchestrator.report_section import Section, save_figure
@@ -1122,8 +1122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = write_report(args.folder, args.out, args.format)
     except GrnnError as err:
-        print(f"error: {one_line(str(err))}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print(f"wrote {report.html} ({len(report.figures)} figures)")
     if report.markdown is not None:
         print(f"wrote {report.markdown}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grnn_engine.cli_values import OneLineParser, one_line
+from grnn_engine.cli_values import OneLineParser, user_error
 from grnn_engine.errors import GrnnError
 from orchestrator.results import Ledger
 
@@ -144,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(sweep_status(args.folder).format())
     except NotResultsFolder as err:
-        print(f"error: {one_line(str(err))}", file=sys.stderr)
-        return 2
+        return user_error(err)
     return 0
 
 

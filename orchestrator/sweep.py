@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from grnn_engine.cli_values import OneLineParser, one_line
+from grnn_engine.cli_values import OneLineParser, user_error
 from grnn_engine.errors import GrnnError
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.progress import SweepSummary
@@ -331,8 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv)
     except (GrnnError, UsageError) as err:
-        print(f"error: {one_line(str(err))}", file=sys.stderr)
-        return 2
+        return user_error(err)
     return 0
 
 

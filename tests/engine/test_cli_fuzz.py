@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grnn_engine import ATTACKS, DATASETS, DEFENSES, VICTIMS, GrnnError, create_victim
-from grnn_engine.__main__ import _prepare_out, build_parser, main, one_line, spec_from_args
+from grnn_engine.__main__ import _prepare_out, build_parser, main, spec_from_args
+from grnn_engine.cli_values import one_line
 
 FAST = {"validate": 100, "main": 20}
 LONG = int(os.environ.get("GRNN_FUZZ_EXAMPLES", "2000"))
