@@ -3,7 +3,7 @@
 Runs the search sweep (sweeps/breakpoints.yaml by default) and its dense-grid twin, in which every searched
 strength becomes `--grid-steps` values over the same range (log-spaced for loguniform, evenly spaced for
 uniform and int, every value for categorical), both through `orchestrator.sweep` into `--results`. Then it
-computes both breaking-point tables with `orchestrator.breakpoints.breaking_points` and prints them side by
+computes both breaking-point tables with `orchestrator.report.breaking_points` and prints them side by
 side. The search agrees with the grid when, for every attack x batch size x defense, its breaking strength lies
 within one grid step of the grid's (`within_one_step`), or both find none inside the range (broken at every
 strength tried, or never). The line before last is JSON with each group's
@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from orchestrator import sweep
-from orchestrator.breakpoints import STRENGTH, breaking_points, within_one_step
+from orchestrator.report import STRENGTH, breaking_points, within_one_step
 from orchestrator.results import load
 from orchestrator.spec import OptunaSearch, SearchParam, load_spec, parse_spec
 

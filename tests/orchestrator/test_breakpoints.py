@@ -1,4 +1,4 @@
-"""orchestrator.breakpoints: the breaking-point table from grid or searched rows, and the one-grid-step agreement."""
+"""orchestrator.report.breakpoints: the breaking-point table from grid or searched rows, and the one-grid-step agreement."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from orchestrator.breakpoints import breaking_points, grid_position, within_one_step
+from orchestrator.report import breaking_points, grid_position, within_one_step
 
 STEPS = [1e-3, 1e-2, 1e-1, 1.0]
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import report, sweep
-from orchestrator.breakpoints import report_part
+from orchestrator.report import report_part
 from orchestrator.results import load
 
 THRESHOLD = 8.0

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from grnn_engine import run_trial
-from orchestrator import faces_report, report
+from orchestrator import report
 from orchestrator.results import Ledger, load
 from orchestrator.spec import parse_spec
 
@@ -94,7 +94,7 @@ def test_reid_table_rates_are_photo_weighted_means_of_the_rows(faces_results: pa
         "none" if d == "none" else f"gaussian sigma={s:g}"
         for d, s in zip(raw["defense"], raw["defense.sigma"], strict=True)
     ]
-    table = faces_report.reid_table(load(faces_results))
+    table = report.reid_table(load(faces_results))
     assert table.index.names == ["attack", "victim", "batch", "defense"]
     assert [(b, d) for _, _, b, d in table.index] == [
         (1, "none"),
@@ -114,7 +114,7 @@ def test_reid_table_rates_are_photo_weighted_means_of_the_rows(faces_results: pa
 
 def test_gallery_shows_every_attacked_photo_at_the_smallest_batch(faces_results: pathlib.Path) -> None:
     df = load(faces_results)
-    fig = faces_report.reid_gallery_figure(faces_results, df)
+    fig = report.reid_gallery_figure(faces_results, df)
     # 2 defenses x 2 seeds at batch 1, each tile three images: photo, reconstruction, matched identity.
     assert len(fig.axes) == 4 * 3
     single = df[df["batch_size"] == 1]
@@ -138,7 +138,7 @@ def test_gallery_without_its_data_is_a_note_not_a_crash(
 
 def test_report_without_reid_columns_has_no_faces_section(tmp_path: pathlib.Path) -> None:
     df = load(DEFENSES_FIXTURE)
-    assert not faces_report.has_reid(df)
+    assert not report.has_reid(df)
     done = report.write_report(DEFENSES_FIXTURE, tmp_path, "md")
     assert not any(p.name.startswith("faces_gallery") for p in done.figures)
     assert "Face re-identification" not in done.html.read_text(encoding="utf-8")
@@ -146,4 +146,4 @@ def test_report_without_reid_columns_has_no_faces_section(tmp_path: pathlib.Path
         done.markdown.read_text(encoding="utf-8") if done.markdown else ""
     )
     with pytest.raises(report.NotApplicable, match="without `reid`"):
-        faces_report.reid_table(df)
+        report.reid_table(df)

@@ -26,22 +26,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from grnn_engine.errors import GrnnError
-from orchestrator.report import (
+from orchestrator.report.labels import norm, slug
+from orchestrator.report.section import NotApplicable, Section, save_figure
+from orchestrator.report.selection import (
     COMPLETE,
-    NotApplicable,
-    _context_columns,
-    _norm,
-    _select,
-    _slug,
-    _sort_text,
-    _varying,
-    defense_settings,
+    context_columns,
+    defense_rank,
+    index_sort_key,
+    select,
+    varying,
     with_settings,
 )
-from orchestrator.report_section import Section, save_figure
 from orchestrator.results import IMAGES_DIR, Ledger
 
-__all__ = ["faces_sections", "has_reid", "reid_gallery_figure", "reid_table"]
+__all__ = ["data_root_of", "faces_sections", "has_reid", "reid_gallery_figure", "reid_table"]
 
 _GALLERY_MAX_PHOTOS = 16
 _TILES_PER_ROW = 4
@@ -66,13 +64,21 @@ def _reid_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == COMPLETE) & top1.notna()]
 
 
+def _reid_rows_or_raise(df: pd.DataFrame) -> pd.DataFrame:
+    """The complete reid rows of `df` with setting labels; NotApplicable when there are none."""
+    d = _reid_rows(with_settings(df))
+    if d.empty:
+        raise NotApplicable("no complete trial has re-identification columns (the sweep ran without `reid`)")
+    return d
+
+
 def has_reid(df: pd.DataFrame) -> bool:
     """True when some complete trial of the table was re-identified (the sweep ran with `reid` set)."""
     return not _reid_rows(df).empty
 
 
 def _index_columns(d: pd.DataFrame) -> list[str]:
-    extra = [c for c in _varying(d, _context_columns(d)) if c != "victim"]
+    extra = [c for c in varying(d, context_columns(d)) if c != "victim"]
     return ["attack_setting", "victim", *extra, "batch_size", "defense_setting"]
 
 
@@ -80,13 +86,11 @@ def reid_table(df: pd.DataFrame) -> pd.DataFrame:
     """Re-identification rates of complete trials per attack, victim, any other varying setting, batch
     size and defense: each rate is the share of attacked photos (every image of every seed's batch), the
     mean rank is over the same photos. Raises NotApplicable when no trial has reid columns."""
-    d = _reid_rows(with_settings(df))
-    if d.empty:
-        raise NotApplicable("no complete trial has re-identification columns (the sweep ran without `reid`)")
+    d = _reid_rows_or_raise(df)
     index = _index_columns(d)
-    rank = {label: i for i, label in enumerate(defense_settings(d))}
+    rank = defense_rank(d)
     records = []
-    for _, cell in d.groupby([d[c].map(_norm) for c in index], sort=False):
+    for _, cell in d.groupby([d[c].map(norm) for c in index], sort=False):
         first = cell.iloc[0]
         weights = pd.to_numeric(cell["batch_size"]).astype(float)  # each row's rates are over its batch
         record: dict[str, Any] = {c: first[c] for c in index}
@@ -95,14 +99,7 @@ def reid_table(df: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(cell[column], errors="coerce").astype(float)
             record[name] = float((values * weights).sum() / weights.sum())
         records.append(record)
-
-    def order(record: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(
-            (0, rank.get(record[c], 0)) if c == "defense_setting" else _sort_text(_norm(record[c]))
-            for c in index
-        )
-
-    table = pd.DataFrame(sorted(records, key=order))
+    table = pd.DataFrame(sorted(records, key=lambda r: index_sort_key(index, [r[c] for c in index], rank)))
     names = {"attack_setting": "attack", "defense_setting": "defense", "batch_size": "batch"}
     table = table.rename(columns=names).set_index([names.get(c, c) for c in index])
     shown = {name: table[name].map(lambda v: f"{v:.2f}") for name, _ in _RATES[:-1]}
@@ -175,13 +172,11 @@ def reid_gallery_figure(
     that one setting remains. `root`: where the data is (None: the spec's data.root, else
     $GRNN_DATA_ROOT). Raises NotApplicable when no trial has reid columns and an image."""
     folder = Path(result_dir)
-    d = _reid_rows(with_settings(df))
-    if d.empty:
-        raise NotApplicable("no complete trial has re-identification columns (the sweep ran without `reid`)")
-    single = ["attack_setting", *_context_columns(d)]
-    d = _select(d, where, single=single, what="the re-identification gallery")
+    d = _reid_rows_or_raise(df)
+    single = ["attack_setting", *context_columns(d)]
+    d = select(d, where, single=single, what="the re-identification gallery")
     d = d[pd.to_numeric(d["batch_size"]) == pd.to_numeric(d["batch_size"]).min()]
-    rank = {label: i for i, label in enumerate(defense_settings(d))}
+    rank = defense_rank(d)
     d = d.assign(_strength=d["defense_setting"].map(rank)).sort_values(["_strength", "seed", "trial_key"])
     tiles = _tiles(folder, d, root if root is not None else data_root_of(folder), max_photos)
     if not tiles:
@@ -209,7 +204,7 @@ def reid_gallery_figure(
                 verdict = "hit" if tile["hit"] else f"miss: {tile['matched']}, true rank {tile['rank']}"
                 extra = f"\n{tile['defense']}" if several_defenses else ""
                 ax.set_xlabel(
-                    f"{tile['true']} seed {_norm(tile['seed'])}: {verdict}{extra}",
+                    f"{tile['true']} seed {norm(tile['seed'])}: {verdict}{extra}",
                     fontsize=7, color=_HIT if tile["hit"] else _MISS,
                 )  # fmt: skip
     first = d.iloc[0]
@@ -217,7 +212,7 @@ def reid_gallery_figure(
     defense = "" if several_defenses else f", {first['defense_setting']}"
     fig.suptitle(
         f"Re-identification: {first['attack_setting']} vs {first['victim']} on {first['dataset']}, round "
-        f"{_norm(first['fl_round'])}, batch {_norm(first['batch_size'])}{defense}: top-1 hit for {hits} "
+        f"{norm(first['fl_round'])}, batch {norm(first['batch_size'])}{defense}: top-1 hit for {hits} "
         f"of {len(tiles)} photos (green: matched the true person)",
         fontsize=9.5,
     )
@@ -241,20 +236,22 @@ def faces_sections(folder_in: Path, d: pd.DataFrame, out: Path, written: list[Pa
         table=reid_table(d),
     )
     rows = _reid_rows(with_settings(d))
-    group_columns = ["attack_setting", *_varying(rows, _context_columns(rows))]
+    group_columns = ["attack_setting", *varying(rows, context_columns(rows))]
     root = data_root_of(folder_in)
-    for _, group in rows.groupby([rows[c].map(_norm) for c in group_columns], sort=True):
+    for _, group in rows.groupby([rows[c].map(norm) for c in group_columns], sort=True):
         first = group.iloc[0]
         where = {c: first[c] for c in group_columns}
-        name = _slug("faces_gallery", *(first[c] for c in group_columns))
+        name = slug("faces_gallery", *(first[c] for c in group_columns))
         try:
             fig = reid_gallery_figure(folder_in, rows, where=where, root=root)
         except (NotApplicable, GrnnError) as err:
             section.notes.append(f"Gallery of {_describe(where)} skipped: {err}.")
             continue
-        section.figures.append((save_figure(fig, out, name, written), f"Re-identification: {_describe(where)}"))
+        section.figures.append(
+            (save_figure(fig, out, name, written), f"Re-identification: {_describe(where)}")
+        )
     return [section]
 
 
 def _describe(where: Mapping[str, Any]) -> str:
-    return ", ".join(_norm(v) if c == "attack_setting" else f"{c} {_norm(v)}" for c, v in where.items())
+    return ", ".join(norm(v) if c == "attack_setting" else f"{c} {norm(v)}" for c, v in where.items())

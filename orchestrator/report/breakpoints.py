@@ -17,7 +17,7 @@ uncertainty is the same order statistic of the per-seed lower bounds, plus the s
 values (seed_min, seed_max). model_acc and utility_acc are the means over the rows at the breaking strength.
 
 `report_part(result_dir, df)` is that table as the report shows it, for a results folder whose spec searched a
-breaking point (orchestrator.report adds it as a section; a grid or an objectives search gets none).
+breaking point (the report adds it as its "Breaking points" section; a grid or an objectives search gets none).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.report_section import Section
+from grnn_engine.errors import GrnnError
+from orchestrator.report.section import Section
+from orchestrator.results import Ledger
 
 __all__ = ["STRENGTH", "breaking_points", "grid_position", "report_part", "within_one_step"]
 
@@ -240,9 +242,7 @@ def report_part(result_dir: str | Path, df: pd.DataFrame) -> list[Section]:
     its spec.yaml searches a breaking point and `df` holds searched rows (`search_id`), else none."""
     if "search_id" not in df.columns or not df["search_id"].map(lambda v: isinstance(v, str)).any():
         return []
-    from grnn_engine.errors import GrnnError  # the ledger and the spec only when there are searched rows
-    from orchestrator.results import Ledger
-    from orchestrator.spec import OptunaSearch, load_spec
+    from orchestrator.spec import OptunaSearch, load_spec  # the engine's registries: only for searched rows
 
     title = "Breaking points"
     spec_path = Ledger(Path(result_dir)).spec_path
