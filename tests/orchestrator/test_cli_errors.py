@@ -4,6 +4,8 @@ one-trial CLI does)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from orchestrator import report, status, sweep
 
+REPO = Path(__file__).resolve().parents[2]
 MAINS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "sweep": sweep.main,
     "status": status.main,
@@ -43,3 +46,17 @@ def test_a_bad_option_is_one_line_without_the_usage_block(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "usage:" not in err, err
     assert err.startswith("error: ") and "--no-such\\noption" in err
+
+
+def test_a_misspelt_required_key_exits_2_naming_the_typo(tmp_path: Path) -> None:
+    spec = tmp_path / "typo.yaml"
+    text = (REPO / "sweeps" / "quickstart.yaml").read_text(encoding="utf-8")
+    spec.write_text(text.replace("\nname: quickstart\n", "\nnamex: quickstart\n", 1), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", str(spec), "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"error: {spec}: namex: unknown key 'namex' — did you mean 'name', "), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr

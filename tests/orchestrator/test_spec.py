@@ -90,6 +90,34 @@ def test_typo_in_plugin_entry_key(tmp_path: Path) -> None:
     assert "did you mean 'params'" in message
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "dotted", "meant"),
+    [
+        ("name: unit\n", "namex: unit\n", "namex", "name"),  # top level
+        ("data: {dataset: digits,", "data: {datset: digits,", "data.datset", "dataset"),  # nested section
+        ("  victim: [lenet]\n", "  victm: [lenet]\n", "grid.victm", "victim"),
+        ("{name: dlg, params:", "{nme: dlg, params:", "grid.attack[1].nme", "name"),  # inside a list
+    ],
+)
+def test_misspelt_required_key_names_the_typo_and_the_key_it_stands_for(
+    tmp_path: Path, old: str, new: str, dotted: str, meant: str
+) -> None:
+    path = write(tmp_path, BASE.replace(old, new))
+    message = load_error(path)
+    typo = dotted.rsplit(".", 1)[-1]
+    assert_names(message, path, dotted, f"'{typo}'")
+    assert f"unknown key '{typo}' — did you mean '{meant}', a required key that is missing?" in message
+    assert "required key is missing" not in message
+    assert "more problem" not in message  # the typo and the key it stands for are one problem
+
+
+def test_unknown_key_unlike_the_missing_one_leaves_the_missing_key_first(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace("name: unit\n", "colour: blue\n"))
+    message = load_error(path)
+    assert_names(message, path, "name", "got nothing")
+    assert "required key is missing" in message and "1 more problem in this spec" in message
+
+
 def test_wrong_type(tmp_path: Path) -> None:
     path = write(tmp_path, BASE.replace("batch_size: [1, 4]", 'batch_size: "four"'))
     message = load_error(path)
