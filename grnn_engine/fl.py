@@ -11,12 +11,13 @@ after r rounds of FedAvg (McMahan et al. 2017) on the dataset's train split:
 With a `defense` in the settings (a sweep's `utility: true`), every client applies it during training:
 dp_sgd and soteria on each local step's gradient, the others on the delta it shares, so the stage's test
 accuracy measures what the defense costs. Each stage records the global model's accuracy and mean
-cross-entropy on the test split, and, when trained with dp_sgd, its (epsilon, delta) from an RDP accountant.
+cross-entropy on the test split, and, when trained with dp_sgd, its (epsilon, delta) from the accountant in
+grnn_engine.dp_accounting.
 
 Chains and the cache: one FedAvg run up to the largest requested round snapshots every requested round.
-Each snapshot is a file `<cache_dir>/<key>.pt`, the key a hash of what determines it (dataset, image size,
-victim and its parameters, FL settings, seed, round), written atomically and read back with
-`torch.load(weights_only=True)`. The randomness of round r is drawn from generators seeded by (seed, r),
+Each snapshot is a file `<cache_dir>/<key>.pt` (grnn_engine.stage_cache: the key a hash of what determines
+it, written atomically, read back with `torch.load(weights_only=True)`); the settings are FLSettings
+(grnn_engine.fl_settings). The randomness of round r is drawn from generators seeded by (seed, r),
 so a chain may resume from any cached round and give the same weights as one run from round 0. The
 device is not in the key: a stage trained on a GPU serves a CPU trial too (their floats differ slightly).
 """
@@ -25,224 +26,52 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import pathlib
-import pickle
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import log_ndtr
 from torch import Tensor, nn
 
+from grnn_engine import dp_accounting
 from grnn_engine.attacks.base import trainable_parameters
 from grnn_engine.data import ImageSet, load_dataset
-from grnn_engine.defenses import DPSGD, Compose, Defense, create_defense
+from grnn_engine.defenses import DPSGD, Compose, Defense
+from grnn_engine.devices import resolve_device
 from grnn_engine.errors import ConfigError
+from grnn_engine.fl_settings import FLSettings
+from grnn_engine.stage_cache import chain_id, load_stage, resolve_cache_dir, save_stage, stage_key
 from grnn_engine.trial_spec import TrialSpec
 from grnn_engine.victims import create_victim
 
+# FLSettings, stage_key and resolve_cache_dir live in their own modules; they are part of this module's
+# interface too, where the FL stages are.
 __all__ = [
-    "DEFAULT_ORDERS",
     "DP_DELTA",
     "ChainRequest",
     "FLSettings",
     "chain_key",
-    "compute_rdp",
     "dp_epsilon",
     "partition",
-    "privacy_spent",
     "resolve_cache_dir",
     "stage_for_trial",
     "stage_key",
     "stage_requests",
     "train_chain",
+    "train_chains",
 ]
 
-# Bump when a change to the training changes what a stage holds: old cache entries then miss.
-STAGE_FORMAT = 1
-DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/grnn/stages")
 # delta of the (epsilon, delta) reported for dp_sgd stages: below 1/N for every dataset here.
 DP_DELTA = 1e-5
 _EVAL_BATCH = 500
 
 # How many FedAvg chains this process has trained (not loaded): lets tests and callers see cache hits.
 chains_trained = 0
-
-
-# ---------------------------------------------------------------------------------------------- settings
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class FLSettings:
-    """FedAvg settings of a training stage (TrialSpec.fl). Invalid values raise ConfigError."""
-
-    clients: int = 10  # K: clients the train split is dealt to
-    # C: clients sampled each round; an int >= 1 is a count, a float in (0, 1] a fraction of K (1.0 = all)
-    clients_per_round: int | float = 1.0
-    local_epochs: int = 1  # E: passes over its shard each sampled client makes per round
-    local_batch_size: int = 32
-    local_lr: float = 0.1  # plain SGD, no momentum or weight decay
-    iid: bool = (
-        True  # False: each class is dealt by a Dirichlet(dirichlet_alpha) draw (smaller = more skewed)
-    )
-    dirichlet_alpha: float = 0.5
-    defense: str = "none"  # applied by every client during training (a sweep's `utility: true`)
-    defense_params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, allowed: str) -> ConfigError:
-            return ConfigError(f"fl {name} must be {allowed} (got {value!r})")
-
-        for name in ("clients", "local_epochs", "local_batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise bad(name, value, "an integer >= 1")
-        c = self.clients_per_round
-        if _is_int(c):
-            if not 1 <= c <= self.clients:
-                raise bad(
-                    "clients_per_round",
-                    c,
-                    f"an integer in 1..{self.clients} (clients) or a fraction in (0, 1]",
-                )
-        elif not (_is_number(c) and 0 < c <= 1):
-            raise bad(
-                "clients_per_round", c, f"an integer in 1..{self.clients} (clients) or a fraction in (0, 1]"
-            )
-        if not _is_number(self.local_lr) or self.local_lr <= 0:
-            raise bad("local_lr", self.local_lr, "a finite number > 0")
-        if not isinstance(self.iid, bool):
-            raise bad("iid", self.iid, "true or false")
-        if not _is_number(self.dirichlet_alpha) or self.dirichlet_alpha <= 0:
-            raise bad("dirichlet_alpha", self.dirichlet_alpha, "a finite number > 0")
-        if not isinstance(self.defense_params, dict):
-            raise bad("defense_params", self.defense_params, "a mapping of parameter names to values")
-        self.make_defense()  # validates the name and parameters now, not rounds into training
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> FLSettings:
-        """Settings from a TrialSpec.fl dict; an unknown key is a ConfigError naming the allowed keys."""
-        values = dict(values or {})
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown fl setting '{unknown[0]}'; allowed: {', '.join(allowed)}")
-        return cls(**values)
-
-    @property
-    def sampled_clients(self) -> int:
-        """C as a count of clients."""
-        c = self.clients_per_round
-        return int(c) if _is_int(c) else max(1, round(float(c) * self.clients))
-
-    def make_defense(self) -> Defense:
-        return create_defense(self.defense, self.defense_params)
-
-    def canonical(self) -> dict[str, Any]:
-        """The settings that change training, normalised: the same training has the same dict."""
-        out = asdict(self)
-        out["clients_per_round"] = self.sampled_clients
-        out["local_lr"] = float(self.local_lr)
-        if self.iid:
-            del out["dirichlet_alpha"]  # unused when IID, so it must not split the cache
-        if self.defense == "none":
-            del out["defense_params"]
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- keys and cache
-
-
-def _hash(payload: Mapping[str, Any]) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _chain_identity(
-    dataset: str,
-    image_size: int,
-    victim: str,
-    victim_params: Mapping[str, Any],
-    settings: FLSettings,
-    seed: int,
-) -> dict[str, Any]:
-    return {
-        "format": STAGE_FORMAT,
-        "dataset": dataset,
-        "image_size": image_size,
-        "victim": victim,
-        "victim_params": dict(victim_params),
-        "fl": settings.canonical(),
-        "seed": seed,
-    }
-
-
-def stage_key(
-    dataset: str,
-    image_size: int,
-    victim: str,
-    victim_params: Mapping[str, Any],
-    settings: FLSettings,
-    seed: int,
-    fl_round: int,
-) -> str:
-    """Content address (24 hex digits) of one stage: the name of its cache file."""
-    return _hash(
-        {**_chain_identity(dataset, image_size, victim, victim_params, settings, seed), "round": fl_round}
-    )
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """cache_dir, else $GRNN_CACHE_DIR, else ~/.cache/grnn/stages."""
-    chosen = cache_dir or os.environ.get("GRNN_CACHE_DIR") or DEFAULT_CACHE_DIR
-    return pathlib.Path(chosen).expanduser()
-
-
-def load_torch_cache(path: pathlib.Path, what: str = "stage") -> dict[str, Any] | None:
-    """A cache file written by `atomic_torch_save`, or None when it is missing or unreadable."""
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        # Writes are atomic, so this is disk damage or a foreign file: the caller computes it again.
-        warnings.warn(f"ignoring unreadable {what} cache file {path}: {error}", stacklevel=3)
-        return None
-
-
-def _load_stage(path: pathlib.Path) -> dict[str, Any] | None:
-    return load_torch_cache(path, "stage")
-
-
-def atomic_torch_save(path: pathlib.Path, stage: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same folder + os.replace: a reader never sees a half-written stage. Created with
-    # mode 0o666 so that the user's umask decides who may read the cache, as for every other file the
-    # project writes (tempfile.mkstemp would force 0o600); O_EXCL keeps two writers apart.
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(stage, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- data split
@@ -278,112 +107,7 @@ def _clients_of_round(settings: FLSettings, seed: int, fl_round: int) -> list[in
     return sorted(torch.randperm(settings.clients, generator=generator)[: settings.sampled_clients].tolist())
 
 
-# ---------------------------------------------------------------------------------------------- DP accounting
-# Renyi DP of the Poisson-subsampled Gaussian mechanism (Mironov, Talwar, Zhang 2019, "Renyi Differential
-# Privacy of the Sampled Gaussian Mechanism", section 3.3), composed over steps by adding RDP, converted
-# to (epsilon, delta) with Canonne, Kamath, Steinke 2020 (Prop. 12), as TF-Privacy and Opacus do.
-
-DEFAULT_ORDERS: tuple[float, ...] = (
-    *(1 + x / 10 for x in range(1, 100)),
-    *range(11, 64),
-    80.0,
-    128.0,
-    256.0,
-    512.0,
-)
-
-
-def _log_add(a: float, b: float) -> float:
-    hi, lo = max(a, b), min(a, b)
-    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
-
-
-def _log_sub(a: float, b: float) -> float:
-    """log(exp(a) - exp(b)) for a >= b."""
-    if b == -math.inf:
-        return a
-    return a + math.log(-math.expm1(b - a)) if a > b else -math.inf
-
-
-def _log_a(q: float, sigma: float, alpha: float) -> float:
-    """log A_alpha, where the RDP of order alpha is log(A_alpha) / (alpha - 1)."""
-    if float(alpha).is_integer():
-        # A = sum_k C(alpha, k) (1-q)^(alpha-k) q^k exp((k^2 - k) / (2 sigma^2)): every term positive.
-        a = int(alpha)
-        terms = [
-            math.lgamma(a + 1)
-            - math.lgamma(k + 1)
-            - math.lgamma(a - k + 1)
-            + k * math.log(q)
-            + (a - k) * math.log1p(-q)
-            + (k * k - k) / (2 * sigma**2)
-            for k in range(a + 1)
-        ]
-        top = max(terms)
-        return top + math.log(sum(math.exp(t - top) for t in terms))
-    # Fractional alpha: two series with erfc weights split at z0; binomial coefficients change sign.
-    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    positive, negative = -math.inf, -math.inf
-    log_coef, sign, i = 0.0, 1.0, 0  # log |C(alpha, i)| and its sign, updated by C(a,i+1) = C(a,i)(a-i)/(i+1)
-    while True:
-        j = alpha - i
-        log_erfc0 = math.log(2) + float(log_ndtr(-(i - z0) / sigma))  # log erfc((i - z0) / (sqrt2 sigma))
-        log_erfc1 = math.log(2) + float(log_ndtr(-(z0 - j) / sigma))
-        s0 = (
-            log_coef
-            + i * math.log(q)
-            + j * math.log1p(-q)
-            + (i * i - i) / (2 * sigma**2)
-            + math.log(0.5)
-            + log_erfc0
-        )
-        s1 = (
-            log_coef
-            + j * math.log(q)
-            + i * math.log1p(-q)
-            + (j * j - j) / (2 * sigma**2)
-            + math.log(0.5)
-            + log_erfc1
-        )
-        if sign > 0:
-            positive = _log_add(positive, _log_add(s0, s1))
-        else:
-            negative = _log_add(negative, _log_add(s0, s1))
-        if i > alpha and max(s0, s1) < -30:
-            break
-        ratio = (alpha - i) / (i + 1)
-        sign *= 1.0 if ratio > 0 else -1.0
-        log_coef += math.log(abs(ratio))
-        i += 1
-    return _log_sub(positive, negative)
-
-
-def compute_rdp(q: float, sigma: float, steps: int, orders: Sequence[float] = DEFAULT_ORDERS) -> list[float]:
-    """RDP at each order of `steps` compositions of the Gaussian mechanism with noise multiplier `sigma`
-    on a Poisson sample of rate `q`."""
-    out = []
-    for alpha in orders:
-        if q == 0 or steps == 0:
-            out.append(0.0)
-        elif sigma == 0 or math.isinf(alpha):
-            out.append(math.inf)
-        elif q == 1.0:
-            out.append(steps * alpha / (2 * sigma**2))
-        else:
-            out.append(steps * _log_a(q, sigma, alpha) / (alpha - 1))
-    return out
-
-
-def privacy_spent(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
-    """(epsilon, best order) for the given RDP curve at `delta` (Canonne-Kamath-Steinke conversion)."""
-    best, best_order = math.inf, math.nan
-    for alpha, r in zip(orders, rdp, strict=True):
-        if alpha <= 1 or math.isinf(r):
-            continue
-        eps = r + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
-        if eps < best:
-            best, best_order = eps, alpha
-    return max(best, 0.0), best_order
+# ---------------------------------------------------------------------------------------------- DP guarantee
 
 
 def _dp_sgd_of(defense: Defense) -> DPSGD | None:
@@ -419,7 +143,7 @@ def dp_epsilon(settings: FLSettings, shard_sizes: Sequence[int], seed: int, fl_r
             continue
         steps = participations[k] * settings.local_epochs * math.ceil(n / settings.local_batch_size)
         q = min(1.0, settings.local_batch_size / n)
-        worst = max(worst, privacy_spent(DEFAULT_ORDERS, compute_rdp(q, dp.sigma, steps), DP_DELTA)[0])
+        worst = max(worst, dp_accounting.epsilon(q, dp.sigma, steps, DP_DELTA))
     return worst
 
 
@@ -529,7 +253,7 @@ def _check_rounds(rounds: Iterable[int]) -> list[int]:
     if not out:
         raise ConfigError("train_chain needs at least one round (got none)")
     for r in out:
-        if not _is_int(r) or r < 0:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
             raise ConfigError(f"fl_round must be an integer >= 0 (got {r!r})")
     return out
 
@@ -565,7 +289,7 @@ def train_chain(
     def path_of(r: int) -> pathlib.Path:
         return folder / f"{stage_key(*identity, r)}.pt"
 
-    stages: dict[int, dict[str, Any] | None] = {r: _load_stage(path_of(r)) for r in wanted}
+    stages: dict[int, dict[str, Any] | None] = {r: load_stage(path_of(r)) for r in wanted}
     missing = [r for r in wanted if stages[r] is None]
     if not missing:
         return {r: s for r, s in stages.items() if s is not None}
@@ -580,7 +304,7 @@ def train_chain(
     # Resume from the latest stage on disk before the first missing round (any round, requested or not).
     start = 0
     for r in range(missing[0] - 1, 0, -1):
-        cached = stages.get(r) or _load_stage(path_of(r))
+        cached = stages.get(r) or load_stage(path_of(r))
         if cached is not None:
             model.load_state_dict(cached["state_dict"])
             start = r
@@ -604,7 +328,7 @@ def train_chain(
             acc, loss = _evaluate(model, test_images, test_labels, device)
             epsilon = dp_epsilon(settings, shard_sizes, seed, r) if r > 0 else None
             stage = _snapshot(model, acc, loss, r, epsilon)
-            atomic_torch_save(path_of(r), stage)
+            save_stage(path_of(r), stage)
             stages[r] = stage
     model.eval()
     return {r: s for r, s in stages.items() if s is not None}
@@ -629,11 +353,7 @@ class ChainRequest:
 
     def key(self) -> str:
         """Identity of the chain (rounds excluded): equal to `chain_key(spec)` of every trial it serves."""
-        return _hash(
-            _chain_identity(
-                self.dataset, self.image_size, self.victim, self.victim_params, self.settings, self.seed
-            )
-        )
+        return chain_id(self.dataset, self.image_size, self.victim, self.victim_params, self.settings, self.seed)
 
     def train(
         self,
@@ -734,7 +454,5 @@ def stage_requests(specs: Sequence[TrialSpec], *, include_round_zero: bool = Tru
 def stage_for_trial(spec: TrialSpec, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The stage (state_dict, model_acc, model_loss, ...) of the global model the trial attacks, from the
     cache or trained now (on the trial's device) and cached."""
-    from grnn_engine.trial import resolve_device  # the trial module owns the device rule
-
     request = _request_of(spec)
     return request.train(cache_dir=cache_dir, device=resolve_device(spec.device))[spec.fl_round]

@@ -26,6 +26,7 @@ from grnn_engine.attacks.base import (
 )
 from grnn_engine.data import ImageSet, load_dataset, select_batch
 from grnn_engine.defenses import DEFENSES, ClientBatch
+from grnn_engine.devices import resolve_device
 from grnn_engine.errors import ConfigError
 from grnn_engine.metrics import matched_psnr, score
 from grnn_engine.result import COMPLETE, FAILED, TrialResult
@@ -35,17 +36,6 @@ from grnn_engine.victims import create_victim
 ProgressFn = Callable[[dict[str, Any]], None]
 UPDATE_KINDS = ("fedsgd", "fedavg")
 _DEFENSE_STREAM = 1_000_003
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> the GPU Ray (or the user) made visible, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was asked for but no GPU is visible; use 'auto' or 'cpu'")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise ConfigError(f"unknown device '{name}'; allowed: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def client_update(

@@ -127,7 +127,7 @@ def check_pack(spec: SweepSpec, source: str) -> None:
 
 def build_search(spec: SweepSpec, source: str) -> None:
     """Build each plugin (or FL settings) a searched parameter applies to at both ends of its range."""
-    from grnn_engine.fl import FLSettings
+    from grnn_engine.fl_settings import FLSettings
 
     search = spec.search
     if not isinstance(search, OptunaSearch):
