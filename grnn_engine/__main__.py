@@ -3,6 +3,9 @@
 Example:
   python -m grnn_engine --attack grnn --victim lenet --dataset cifar10 --data-root ../shared/data \\
       --batch-size 4 --iterations 1000 --seed 0 --out out/trial
+
+Face re-identification (datasets of people: att_faces, identities) adds the reid columns of a sweep row:
+  python -m grnn_engine --dataset att_faces --data-root ../shared/data --reid trained
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from grnn_engine.trial_spec import SEED_MAX  # noqa: E402  (the bound the sweep 
 
 def build_parser() -> argparse.ArgumentParser:
     from grnn_engine import ATTACKS, DATASETS, DEFENSES, VICTIMS
+    from grnn_engine.reid import IDENTIFIERS, IDENTITY_DATASETS
 
     p = OneLineParser(prog="python -m grnn_engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attack", default="grnn", help=f"attack: {', '.join(ATTACKS.names())} (default grnn)")
@@ -44,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-lr", type=float, default=None, help="fedavg: local learning rate")
     p.add_argument("--defense", default="none", help=f"defense: {', '.join(DEFENSES.names())} (default none)")
     p.add_argument("--defense-param", action="append", metavar="KEY=VALUE", help="defense setting (repeatable)")
+    p.add_argument("--reid", default=None, metavar="IDENTIFIER",
+                   help=f"re-identify the reconstructed faces with identifier {' or '.join(IDENTIFIERS.names())} "
+                        f"(datasets {', '.join(IDENTITY_DATASETS)}): adds reid_top1, reid_top5, reid_rank and the "
+                        f"clean-photo ceiling (reid_clean_*) and random floor (reid_random_*)")
+    p.add_argument("--reid-param", action="append", metavar="KEY=VALUE",
+                   help="identifier setting, e.g. epochs=30 (repeatable; needs --reid)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch choice and the attack (default 0)")
     p.add_argument("--success-psnr", type=float, default=20.0, help="PSNR (dB) counted as success (default 20)")
     p.add_argument("--eval-every", type=int, default=50, help="log gradient loss and PSNR every N iterations")
@@ -83,6 +93,9 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         update_params["local_lr"] = args.local_lr
     if update_params and args.update != "fedavg":
         raise ConfigError("--local-steps and --local-lr apply only with --update fedavg")
+    reid_params = parse_assignments(args.reid_param, "--reid-param")
+    if reid_params and args.reid is None:
+        raise ConfigError("--reid-param applies only with --reid (e.g. --reid trained)")
     return TrialSpec(
         attack=args.attack, attack_params=attack_params, victim=args.victim,
         victim_params=parse_assignments(args.victim_param, "--victim-param"), dataset=args.dataset,
@@ -92,6 +105,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         update_params=update_params, defense=args.defense,
         defense_params=parse_assignments(args.defense_param, "--defense-param"), seed=args.seed,
         success_psnr=args.success_psnr, eval_every=args.eval_every, device=args.device,
+        reid=args.reid, reid_params=reid_params,
     )
 
 
@@ -108,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     ATTACKS.create(spec.attack, **spec.attack_params)  # fail on bad settings before loading anything
+    check_reid(spec)
     if args.out is not None:
         _prepare_out(args.out)  # an unusable --out must fail now, not after the attack ran
     bar = None
@@ -147,6 +162,17 @@ def _run(args: argparse.Namespace) -> int:
     line.pop("history")
     print(json.dumps(line))
     return 0 if result.status == "COMPLETE" else 1
+
+
+def check_reid(spec: Any) -> None:
+    """ConfigError for a --reid the trial cannot run: an unknown identifier, a bad --reid-param, the dlib
+    identifier without its extra, or a dataset whose labels are not people. Nothing is loaded or trained."""
+    if spec.reid is None:
+        return
+    from grnn_engine.reid import IDENTIFIERS, check_identity_dataset
+
+    IDENTIFIERS.create(spec.reid, **spec.reid_params)
+    check_identity_dataset(spec.dataset)
 
 
 def _prepare_out(out: Path) -> None:

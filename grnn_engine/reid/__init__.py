@@ -39,7 +39,9 @@ from grnn_engine.reid.fitting import fit_identifier, identifier_key, resolve_ide
 from grnn_engine.reid.gallery import (
     GALLERY_SPLIT,
     HELDOUT_SPLIT,
+    IDENTITY_DATASETS,
     Gallery,
+    check_identity_dataset,
     excluded_gallery_indices,
 )
 from grnn_engine.reid.gallery_match import GalleryMatch, matched_gallery
@@ -52,12 +54,14 @@ __all__ = [
     "GALLERY_SPLIT",
     "HELDOUT_SPLIT",
     "IDENTIFIERS",
+    "IDENTITY_DATASETS",
     "TOP_K",
     "DlibIdentifier",
     "Gallery",
     "GalleryMatch",
     "Identifier",
     "TrainedIdentifier",
+    "check_identity_dataset",
     "excluded_gallery_indices",
     "fit_identifier",
     "identifier_key",

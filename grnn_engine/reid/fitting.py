@@ -16,6 +16,7 @@ from grnn_engine.data import load_dataset
 from grnn_engine.reid.gallery import (
     GALLERY_SPLIT,
     HELDOUT_SPLIT,
+    check_identity_dataset,
     excluded_gallery_indices,
     load_gallery,
     load_heldout,
@@ -68,9 +69,10 @@ def fit_identifier(
 ) -> Identifier:
     """The identifier `name` fitted on `dataset`'s gallery minus the attacked photos (`indices` of
     `split`; `attacked` their pixels, needed only for splits other than train/test), from the cache or
-    fitted now and cached. Raises ConfigError for a bad name or params, DataError
-    when the data is missing or the identifier is no better than chance on held-out photos."""
+    fitted now and cached. Raises ConfigError for a bad name or params or a dataset without identities,
+    DataError when the data is missing or the identifier is no better than chance on held-out photos."""
     identifier = IDENTIFIERS.create(name, **dict(params or {}))
+    check_identity_dataset(dataset)
     gallery_set = None
     if split not in (GALLERY_SPLIT, HELDOUT_SPLIT):
         gallery_set = load_dataset(dataset, root=root, split=GALLERY_SPLIT, image_size=image_size)

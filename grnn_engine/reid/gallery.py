@@ -10,13 +10,35 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grnn_engine.data import ImageSet, load_dataset
-from grnn_engine.errors import DataError
+from grnn_engine.data import DATASETS, ImageSet, load_dataset
+from grnn_engine.errors import ConfigError, DataError
 
-__all__ = ["GALLERY_SPLIT", "HELDOUT_SPLIT", "Gallery", "excluded_gallery_indices", "load_gallery", "load_heldout"]
+__all__ = [
+    "GALLERY_SPLIT",
+    "HELDOUT_SPLIT",
+    "IDENTITY_DATASETS",
+    "Gallery",
+    "check_identity_dataset",
+    "excluded_gallery_indices",
+    "load_gallery",
+    "load_heldout",
+]
 
 GALLERY_SPLIT = "train"  # who is who is learnt from these photos only
 HELDOUT_SPLIT = "test"  # unseen photos of the same people: the identifier's clean accuracy
+# The datasets whose labels are people, split per person into gallery and held-out photos (grnn_engine.data).
+# On any other dataset an identifier would learn classes (digits, objects), and its "reid" would not be one.
+IDENTITY_DATASETS = ("att_faces", "identities")
+
+
+def check_identity_dataset(dataset: str) -> None:
+    """ConfigError when `dataset` is a known dataset whose labels are not people (an unknown name is left
+    to the dataset registry, which lists the known ones)."""
+    if dataset in DATASETS and dataset not in IDENTITY_DATASETS:
+        raise ConfigError(
+            f"reid needs a dataset of people, split per person into gallery and held-out photos; "
+            f"dataset '{dataset}' has classes, not identities; allowed: {', '.join(IDENTITY_DATASETS)}"
+        )
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,15 @@ def check_plugins(spec: SweepSpec, source: str) -> None:
         )  # fmt: skip
     for placed in plugin_entries(spec):
         _check_entry(placed, registries[placed.family], source)
+    if spec.reid is not None:
+        from grnn_engine.reid import IDENTITY_DATASETS
+
+        if spec.data.dataset not in IDENTITY_DATASETS:
+            raise spec_error(
+                source, "reid", "re-identification needs a dataset of people split per person, and "
+                f"data.dataset '{spec.data.dataset}' has classes, not identities", spec.data.dataset,
+                f"data.dataset {' or '.join(IDENTITY_DATASETS)}, or no reid",
+            )  # fmt: skip
 
 
 def _check_entry(placed: PlacedEntry, registry: Registry[Any], source: str) -> None:

@@ -266,6 +266,10 @@ def test_fuzzed_command_lines_exit_0_1_or_2_with_one_line(long: bool, no_data: N
         (["--victim", "\r"], "unknown victim '\\r'"),  # a control character echoed back stays on one line
         (["--attack-param", "a\nb=1"], "a\\nb"),
         (["foo\nbar"], "foo\\nbar"),
+        (["--reid", "trained"], "dataset 'digits' has classes, not identities"),  # digits are not people
+        (["--dataset", "att_faces", "--reid", "traind"], "unknown identifier 'traind' (did you mean 'trained'?)"),
+        (["--dataset", "att_faces", "--reid", "trained", "--reid-param", "epochs=0"], "epochs must be"),
+        (["--reid-param", "epochs=3"], "--reid-param applies only with --reid"),
     ],
 )
 def test_values_that_would_hurt_are_refused_before_the_trial(

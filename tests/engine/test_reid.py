@@ -4,6 +4,7 @@ columns reach run_trial's row. Needs att_faces ($GRNN_DATA_ROOT, else ../shared/
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -250,3 +251,34 @@ def test_run_trial_row_carries_the_reid_columns(
     assert TrialSpec(reid="trained").key() != TrialSpec().key()
     with pytest.raises(ConfigError, match="no reid_identity"):
         matched_gallery(run_trial(plain).to_row())
+
+
+@needs_faces
+def test_the_one_trial_command_prints_the_reid_columns_of_a_sweep_row(
+    identifier: Identifier, cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grnn_engine.__main__ import build_parser, main
+
+    assert "--reid IDENTIFIER" in build_parser().format_help() and "--reid-param" in build_parser().format_help()
+    monkeypatch.setenv("GRNN_CACHE_DIR", str(cache.parent))  # the fixture's identifier: the same photos left out
+    argv = [
+        "--dataset", "att_faces", "--data-root", str(DATA_ROOT), "--split", "train", "--index", str(ATTACKED[0]),
+        "--index", str(ATTACKED[1]), "--batch-size", "2", "--iterations", "2", "--eval-every", "1",
+        "--device", "cpu", "--no-progress", "--reid", "trained",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out)
+    assert out.count("\n") == 1 and row["status"] == "COMPLETE" and row["reid"] == "trained"
+    assert set(REID_COLUMNS) <= set(row)
+    # The same columns run_trial gives a sweep row, from the same identifier: the clean ceiling is its ranks.
+    train = _faces("train")
+    clean = identifier.ranks(train.load(ATTACKED), train.labels[ATTACKED]).double()
+    assert row["reid_clean_rank"] == float(clean.mean()) and row["reid_clean_top1"] == float((clean == 1).double().mean())
+    expected = run_trial(TrialSpec(
+        dataset="att_faces", data_root=str(DATA_ROOT), split="train", indices=ATTACKED, batch_size=2,
+        attack_params={"iterations": 2}, eval_every=1, device="cpu", reid="trained",
+    )).to_row()  # fmt: skip
+    for column in REID_COLUMNS:
+        assert row[column] == expected[column], column
+    assert row["trial_key"] == expected["trial_key"]

@@ -637,13 +637,20 @@ def test_round_trip_keeps_every_setting() -> None:
 
 
 def test_reid_identifier_is_checked_and_reaches_every_cell(tmp_path: Path) -> None:
-    spec = parse_spec({**base_data(), "reid": {"name": "trained", "params": {"epochs": 5}}})
+    faces = {**base_data(), "data": {"dataset": "att_faces", "image_size": 32}}
+    spec = parse_spec({**faces, "reid": {"name": "trained", "params": {"epochs": 5}}})
     assert {(c.reid, c.reid_params["epochs"]) for c in spec.cells()} == {("trained", 5)}
-    assert spec.spec_hash() != parse_spec(base_data()).spec_hash()
-    assert all(c.reid is None for c in parse_spec(base_data()).cells())
-    path = write(tmp_path, BASE + "reid: traind\n")
+    assert spec.spec_hash() != parse_spec(faces).spec_hash()
+    assert all(c.reid is None for c in parse_spec(faces).cells())
+    faces_base = BASE.replace("dataset: digits", "dataset: att_faces")
+    path = write(tmp_path, faces_base + "reid: traind\n")
     assert_names(load_error(path), path, "reid.name", "'traind'")
-    path = write(tmp_path, BASE + "reid: {name: trained, params: {depth: 3}}\n")
+    path = write(tmp_path, faces_base + "reid: {name: trained, params: {depth: 3}}\n")
     assert_names(load_error(path), path, "reid.params.depth", "'depth'")
-    path = write(tmp_path, BASE + "reid: {name: trained, params: {epochs: 0}}\n")
+    path = write(tmp_path, faces_base + "reid: {name: trained, params: {epochs: 0}}\n")
     assert_names(load_error(path), path, "reid.params.epochs", "0")
+    # digits' labels are classes, not people: an identifier there would not re-identify anyone
+    path = write(tmp_path, BASE + "reid: trained\n")
+    message = load_error(path)
+    assert_names(message, path, "reid", "'digits'")
+    assert "att_faces or identities" in message
