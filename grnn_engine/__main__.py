@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog="python -m grnn_engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attack", default="grnn", help=f"attack: {', '.join(ATTACKS.names())} (default grnn)")
-    p.add_argument("--victim", default="lenet", help=f"victim model: {', '.join(VICTIMS.names())} (default lenet)")
+    p.add_argument("--victim", default="lenet",
+                   help=f"victim model: {', '.join(VICTIMS.names())}, or your own as an import path "
+                   "'package.module:callable' returning a torch.nn.Module (default lenet)")
     p.add_argument("--dataset", default="digits", help=f"dataset: {', '.join(DATASETS.names())} (default digits)")
     p.add_argument("--data-root", default=None, help="data folder (default: $GRNN_DATA_ROOT, else ~/.cache/grnn/data)")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_from_args(args: argparse.Namespace) -> Any:
     from grnn_engine.cli_values import parse_assignments
     from grnn_engine.trial_spec import TrialSpec
+    from grnn_engine.victims import victim_fingerprint
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {args.batch_size})")
@@ -96,9 +99,10 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     reid_params = parse_assignments(args.reid_param, "--reid-param")
     if reid_params and args.reid is None:
         raise ConfigError("--reid-param applies only with --reid (e.g. --reid trained)")
+    victim_params = parse_assignments(args.victim_param, "--victim-param")
     return TrialSpec(
         attack=args.attack, attack_params=attack_params, victim=args.victim,
-        victim_params=parse_assignments(args.victim_param, "--victim-param"), dataset=args.dataset,
+        victim_params=victim_params, dataset=args.dataset,
         data_root=args.data_root, download=args.download, split=args.split, image_size=args.image_size,
         batch_size=args.batch_size, indices=args.indices, distinct_labels=args.distinct_labels,
         fl_round=args.fl_round, fl=parse_assignments(args.fl_param, "--fl-param"), update=args.update,
@@ -106,6 +110,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         defense_params=parse_assignments(args.defense_param, "--defense-param"), seed=args.seed,
         success_psnr=args.success_psnr, eval_every=args.eval_every, device=args.device,
         reid=args.reid, reid_params=reid_params,
+        victim_fingerprint=victim_fingerprint(args.victim, victim_params, args.image_size),
     )
 
 

@@ -47,6 +47,7 @@ from grnn_engine.errors import ConfigError
 from grnn_engine.fl_settings import FLSettings
 from grnn_engine.stage_cache import chain_id, load_stage, resolve_cache_dir, save_stage, stage_key
 from grnn_engine.trial_spec import TrialSpec
+from grnn_engine.user_victims import to_victim_channels, victim_channels
 from grnn_engine.victims import create_victim
 
 # FLSettings, stage_key and resolve_cache_dir live in their own modules; they are part of this module's
@@ -301,6 +302,8 @@ def train_chain(
         victim, num_classes=test.num_classes, image_size=image_size, seed=seed, **victim_params
     )
     model = model.to(device)
+    channels = victim_channels(model, victim, num_classes=test.num_classes, image_size=image_size)
+    test_images = to_victim_channels(test_images, channels, victim)
     # Resume from the latest stage on disk before the first missing round (any round, requested or not).
     start = 0
     for r in range(missing[0] - 1, 0, -1):
@@ -314,7 +317,7 @@ def train_chain(
     shard_sizes: list[int] = []
     if missing[-1] > 0:
         train = load_dataset(dataset, root=root, split="train", image_size=image_size)
-        train_images, train_labels = train.load_all(), train.labels
+        train_images, train_labels = to_victim_channels(train.load_all(), channels, victim), train.labels
         shards = partition(
             train_labels, settings.clients, iid=settings.iid, alpha=settings.dirichlet_alpha, seed=seed
         )

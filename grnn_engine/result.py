@@ -100,6 +100,8 @@ class TrialResult:
             "trial_key": self.key,
             "attack": s.attack, **_flatten("attack", s.attack_params),
             "victim": s.victim, **_flatten("victim", s.victim_params),
+            # a user's model by import path: what its key's fingerprint was (absent for registered victims)
+            **({"victim_fingerprint": s.victim_fingerprint} if s.victim_fingerprint is not None else {}),
             "dataset": s.dataset, "split": s.split, "image_size": s.image_size,
             "batch_size": s.batch_size, "fl_round": s.fl_round, **_flatten("fl", s.fl),
             "update": s.update, **_flatten("update", s.update_params),

@@ -31,6 +31,7 @@ from grnn_engine.errors import ConfigError
 from grnn_engine.metrics import matched_psnr, score
 from grnn_engine.result import COMPLETE, FAILED, TrialResult
 from grnn_engine.trial_spec import TrialSpec
+from grnn_engine.user_victims import to_victim_channels, victim_channels
 from grnn_engine.victims import create_victim
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -179,6 +180,9 @@ def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) ->
         )  # fmt: skip
     images, labels = images.to(device), labels.to(device)
     model, model_acc, model_loss = global_model(spec, images_set, device, stage_state)
+    # A user's grey model sees (and the attacks rebuild) 1-channel images.
+    channels = victim_channels(model, spec.victim, num_classes=images_set.num_classes, image_size=spec.image_size)
+    images = to_victim_channels(images, channels, spec.victim)
 
     # Separate streams, so that the attack starts from the same point whatever the defense draws.
     generator = torch.Generator().manual_seed(spec.seed)
@@ -214,9 +218,9 @@ def finish_trial(prepared: PreparedTrial, recon: Reconstruction, attack_s: float
         if prepared.identifier is not None:
             from grnn_engine.reid import reid_metrics
 
-            result.metrics.update(
-                reid_metrics(prepared.identifier, matched, prepared.images, prepared.labels, seed=spec.seed)
-            )
+            # The identifier reads colour-shaped faces: a grey model's 1-channel batch is replicated back.
+            as_rgb = [t.expand(-1, 3, -1, -1) for t in (matched, prepared.images)]
+            result.metrics.update(reid_metrics(prepared.identifier, *as_rgb, prepared.labels, seed=spec.seed))
         if not result.is_finite():
             result.status, result.error_type = FAILED, "NonFinite"
             result.error = f"{spec.attack} scored non-finite metrics"

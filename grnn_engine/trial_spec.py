@@ -23,6 +23,9 @@ class TrialSpec:
     attack_params: dict[str, Any] = field(default_factory=dict)
     victim: str = "lenet"
     victim_params: dict[str, Any] = field(default_factory=dict)
+    # A user's victim by import path: the hash of its architecture and initial weights
+    # (grnn_engine.victims.victim_fingerprint), so its trials are content-addressed; None otherwise.
+    victim_fingerprint: str | None = None
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
@@ -51,6 +54,8 @@ class TrialSpec:
         if self.reid is None:
             # Left out when unset, so the keys of trials specified before reid existed do not change.
             del out["reid"], out["reid_params"]
+        if self.victim_fingerprint is None:
+            del out["victim_fingerprint"]  # likewise: registered victims' keys stay as they were
         return out
 
     def key(self) -> str:

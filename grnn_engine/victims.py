@@ -30,18 +30,21 @@ All models support double backward (`create_graph=True`): no in-place activation
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grnn_engine.errors import ConfigError
-from grnn_engine.registry import Registry
+from grnn_engine.registry import Registry, is_import_path
+from grnn_engine.user_victims import build_user_victim, model_fingerprint
 
-__all__ = ["VICTIMS", "create_victim"]
+__all__ = ["VICTIMS", "create_victim", "victim_fingerprint"]
 
-VICTIMS: Registry[nn.Module] = Registry("victim")
+# Besides the models below, a user's own model by import path: see grnn_engine.user_victims.
+VICTIMS: Registry[nn.Module] = Registry("victim", import_paths=True)
 
 INITS = ("default", "uniform")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
@@ -51,13 +54,34 @@ NORMS = ("batch", "none")
 def create_victim(
     name: str, *, num_classes: int, image_size: int = 32, seed: int = 0, **params: object
 ) -> nn.Module:
-    """Build victim `name` deterministically from `seed`, float32, in eval() mode."""
+    """Build victim `name` (registered, or a user's 'package.module:callable') deterministically from `seed`,
+    float32, in eval() mode."""
+    return _seeded_victim(name, num_classes, image_size, seed, params, check_output=True)
+
+
+def victim_fingerprint(name: str, params: Mapping[str, Any], image_size: int) -> str | None:
+    """For a user's victim by import path, the hash of its architecture and initial weights (seed 0, 10
+    classes) that content-addresses its trials and stages; None for a registered victim (its name and params
+    already say what it is)."""
+    if not is_import_path(name):
+        return None
+    return model_fingerprint(_seeded_victim(name, 10, image_size, 0, dict(params), check_output=False))
+
+
+def _seeded_victim(
+    name: str, num_classes: int, image_size: int, seed: int, params: Mapping[str, Any], *, check_output: bool
+) -> nn.Module:
     VICTIMS.check(name)
     if not _is_int(seed):
         raise ConfigError(f"seed={seed!r} is invalid for victim '{name}'; allowed: an integer.")
     # fork_rng restores the caller's CPU RNG afterwards; models are built on the CPU, so only it is used.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if is_import_path(name):
+            return build_user_victim(
+                VICTIMS, name, num_classes=num_classes, image_size=image_size, params=dict(params),
+                check_output=check_output,
+            )  # fmt: skip
         return VICTIMS.create(name, num_classes=num_classes, image_size=image_size, **params)
 
 

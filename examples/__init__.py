@@ -1,0 +1,1 @@
+"""Worked examples: a user's own victim model (my_model.py) and its sweep spec."""
