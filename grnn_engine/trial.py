@@ -219,8 +219,10 @@ def finish_trial(prepared: PreparedTrial, recon: Reconstruction, attack_s: float
             from grnn_engine.reid import reid_metrics
 
             # The identifier reads colour-shaped faces: a grey model's 1-channel batch is replicated back.
-            as_rgb = [t.expand(-1, 3, -1, -1) for t in (matched, prepared.images)]
-            result.metrics.update(reid_metrics(prepared.identifier, *as_rgb, prepared.labels, seed=spec.seed))
+            recon_rgb, truth_rgb = matched.expand(-1, 3, -1, -1), prepared.images.expand(-1, 3, -1, -1)
+            result.metrics.update(
+                reid_metrics(prepared.identifier, recon_rgb, truth_rgb, prepared.labels, seed=spec.seed)
+            )
         if not result.is_finite():
             result.status, result.error_type = FAILED, "NonFinite"
             result.error = f"{spec.attack} scored non-finite metrics"
