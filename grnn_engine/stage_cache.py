@@ -1,6 +1,8 @@
 """Where FL stages live on disk and what names them: a stage is the file `<cache_dir>/<key>.pt`, the key a
 content hash of what determines it (dataset, image size, victim and its parameters, canonical FL settings,
-seed, round), never of the machine or device. A chain's key is the same hash without the round.
+seed, round), never of the machine or device. A chain's key is the same hash without the round. A user's
+victim by import path adds its fingerprint (architecture and initial weights), so an edited model file
+never loads the stages of the old one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from grnn_engine.cache_files import atomic_torch_save, content_hash, load_torch_cache
 from grnn_engine.fl_settings import FLSettings
+from grnn_engine.victims import victim_fingerprint
 
 __all__ = ["DEFAULT_CACHE_DIR", "STAGE_FORMAT", "chain_id", "load_stage", "resolve_cache_dir", "save_stage", "stage_key"]
 
@@ -28,7 +31,7 @@ def _chain_identity(
     settings: FLSettings,
     seed: int,
 ) -> dict[str, Any]:
-    return {
+    identity = {
         "format": STAGE_FORMAT,
         "dataset": dataset,
         "image_size": image_size,
@@ -37,6 +40,10 @@ def _chain_identity(
         "fl": settings.canonical(),
         "seed": seed,
     }
+    fingerprint = victim_fingerprint(victim, victim_params, image_size)
+    if fingerprint is not None:  # only for import paths: registered victims' stage keys stay as they were
+        identity["victim_fingerprint"] = fingerprint
+    return identity
 
 
 def chain_id(

@@ -30,6 +30,8 @@ All models support double backward (`create_graph=True`): no in-place activation
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -65,7 +67,14 @@ def victim_fingerprint(name: str, params: Mapping[str, Any], image_size: int) ->
     already say what it is)."""
     if not is_import_path(name):
         return None
-    return model_fingerprint(_seeded_victim(name, 10, image_size, 0, dict(params), check_output=False))
+    return _fingerprint_of(name, json.dumps(dict(params), sort_keys=True, default=repr), image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_of(name: str, params_json: str, image_size: int) -> str:
+    # Cached: stage keys ask for it once per round, and building a user's model may be slow.
+    params = json.loads(params_json)
+    return model_fingerprint(_seeded_victim(name, 10, image_size, 0, params, check_output=False))
 
 
 def _seeded_victim(

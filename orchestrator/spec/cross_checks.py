@@ -12,7 +12,7 @@ from grnn_engine.trial_spec import TrialSpec
 from orchestrator.spec.messages import SpecError, show, spec_error
 from orchestrator.spec.models import FLSpec
 from orchestrator.spec.plugins import plugin_builders
-from orchestrator.spec.registries import VICTIM_SET_BY_SWEEP, plugin_registries, takes_any
+from orchestrator.spec.registries import VICTIM_SET_BY_SWEEP, plugin_registries
 from orchestrator.spec.search import SEARCH_TARGETS, OptunaSearch, search_applies, split_target
 from orchestrator.spec.sweep_spec import SweepSpec
 
@@ -63,7 +63,7 @@ def check_search(spec: SweepSpec, source: str) -> None:
             entries = getattr(spec.grid, family)
             takers = [
                 (i, e) for i, e in enumerate(entries)
-                if pname in registry.parameters(e.name) or takes_any(registry, e.name)
+                if pname in registry.parameters(e.name) or registry.takes_any(e.name)
             ]  # fmt: skip
             if family == "victim" and pname in VICTIM_SET_BY_SWEEP:
                 takers = []

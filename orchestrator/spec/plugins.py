@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from grnn_engine.errors import ConfigError
-from grnn_engine.registry import Registry, did_you_mean
+from grnn_engine.registry import Registry, did_you_mean, is_import_path
 from orchestrator.spec.messages import SpecError, show, spec_error
 from orchestrator.spec.models import PluginEntry
-from orchestrator.spec.registries import VICTIM_SET_BY_SWEEP, plugin_registries, takes_any
+from orchestrator.spec.registries import VICTIM_SET_BY_SWEEP, plugin_registries
 from orchestrator.spec.sweep_spec import SweepSpec
 
 __all__ = ["PlacedEntry", "build_plugins", "check_plugins", "plugin_builders", "plugin_entries"]
@@ -81,9 +81,18 @@ def _check_entry(placed: PlacedEntry, registry: Registry[Any], source: str) -> N
             source, f"{placed.where}.name", f"unknown {family}{did_you_mean(entry.name, registry.names())}",
             entry.name, ", ".join(registry.names()),
         )  # fmt: skip
+    if is_import_path(entry.name):
+        try:  # a user's own plugin: the module imports and the name is a callable
+            registry.check(entry.name)
+        except ConfigError as exc:
+            problem = str(exc).split("; allowed:")[0]
+            raise spec_error(
+                source, f"{placed.where}.name", problem, entry.name,
+                f"a registered {family} ({', '.join(registry.names())}) or an importable 'package.module:callable'",
+            ) from None  # fmt: skip
     set_by_sweep = VICTIM_SET_BY_SWEEP if family == "victim" else {}
     allowed = [p for p in registry.parameters(entry.name) if p not in set_by_sweep]
-    open_ended = takes_any(registry, entry.name)
+    open_ended = registry.takes_any(entry.name)
     for param, value in entry.params.items():
         path = f"{placed.where}.params.{param}"
         if param in set_by_sweep:
@@ -126,10 +135,15 @@ def plugin_builders(image_size: int) -> dict[str, Builder]:
     """How each family's plugin is built from (name, params), as a trial builds it."""
     import grnn_engine
     from grnn_engine.reid import IDENTIFIERS
+    from grnn_engine.victims import victim_fingerprint
 
     def build_victim(name: str, params: dict[str, Any]) -> object:
         # 10 classes stands in for the dataset's: the class count only sizes the last layer, and the
-        # driver may not hold the data (it lives on the workers of a cluster).
+        # driver may not hold the data (it lives on the workers of a cluster). A user's model may have a
+        # fixed class count, so its logits are checked by the trial that knows the data; here it is built
+        # (fingerprinted) to catch a factory that raises or returns no Module.
+        if is_import_path(name):
+            return victim_fingerprint(name, params, image_size)
         return grnn_engine.create_victim(name, num_classes=10, image_size=image_size, seed=0, **params)
 
     return {

@@ -6,12 +6,11 @@ registers every plugin and pulls in torch, which the commands that only read a l
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from grnn_engine.registry import Registry
 
-__all__ = ["VICTIM_SET_BY_SWEEP", "plugin_registries", "takes_any"]
+__all__ = ["VICTIM_SET_BY_SWEEP", "plugin_registries"]
 
 # Victim parameters the sweep sets itself (from data.image_size, the dataset and the trial seed).
 VICTIM_SET_BY_SWEEP = {"num_classes": "the dataset", "image_size": "data.image_size", "seed": "grid.seed"}
@@ -30,8 +29,3 @@ def plugin_registries() -> dict[str, Registry[Any]]:
         "identifier": IDENTIFIERS,
     }
 
-
-def takes_any(registry: Registry[Any], name: str) -> bool:
-    """Whether plugin `name` takes any keyword (**kwargs), so that no parameter name is unknown to it."""
-    params = inspect.signature(registry.get(name)).parameters.values()
-    return any(p.kind == p.VAR_KEYWORD for p in params)

@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.spec.models import StrictModel
-from orchestrator.spec.registries import plugin_registries, takes_any
+from orchestrator.spec.registries import plugin_registries
 
 __all__ = [
     "SEARCH_METRICS",
@@ -182,7 +182,7 @@ def search_applies(name: str, cell: TrialSpec) -> bool:
     if family in ("defense", "attack", "victim"):
         registry = plugin_registries()[family]
         plugin = getattr(cell, family)
-        return param in registry.parameters(plugin) or takes_any(registry, plugin)
+        return param in registry.parameters(plugin) or registry.takes_any(plugin)
     return bool(family)
 
 
@@ -204,4 +204,8 @@ def apply_sample(cell: TrialSpec, sampled: dict[str, Any]) -> TrialSpec:
             raise ValueError(f"not a searchable parameter: {name!r}")
     if "defense" in fields["fl"]:  # utility: the stage trains under the trial's own defense
         fields["fl"]["defense_params"] = dict(fields["defense_params"])
+    from grnn_engine.victims import victim_fingerprint
+
+    # a user's model with sampled params is another model: its fingerprint follows them
+    fields["victim_fingerprint"] = victim_fingerprint(cell.victim, fields["victim_params"], cell.image_size)
     return dataclasses.replace(cell, **fields)

@@ -117,11 +117,13 @@ class SweepSpec(StrictModel):
         d = self.data
         update_params = self.update.model_dump(exclude={"kind"})
         cells: dict[str, TrialSpec] = {}
+        from grnn_engine.victims import victim_fingerprint  # here: the engine is imported on first use
         # each plugin axis item is (name, params), attacks (name, params, eval_every)
         for victim, fl_round, batch_size, defense, attack, seed in itertools.product(*self._axes()):
             cell = TrialSpec(
                 attack=attack[0], attack_params=copy.deepcopy(attack[1]), eval_every=attack[2],
                 victim=victim[0], victim_params=copy.deepcopy(victim[1]),
+                victim_fingerprint=victim_fingerprint(victim[0], victim[1], d.image_size),
                 dataset=d.dataset, data_root=d.root, download=d.download, split=d.split,
                 image_size=d.image_size, batch_size=batch_size, distinct_labels=d.distinct_labels,
                 fl_round=fl_round, fl=self._fl_of(defense[0], defense[1]),

@@ -114,3 +114,50 @@ def test_one_trial_command_takes_an_import_path() -> None:
     bad = _cli("--victim", "user_models:GreyNett", "--iterations", "1")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "did you mean 'GreyNet'" in bad.stderr
+
+
+def test_fl_stages_of_a_user_model_are_keyed_by_its_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grnn_engine.fl_settings import FLSettings
+    from grnn_engine.stage_cache import stage_key
+
+    settings = FLSettings.from_dict({})
+    registered = stage_key("digits", 16, "lenet", {}, settings, 0, 1)
+    narrow = stage_key("digits", 16, "user_models:GreyNet", {"width": 2}, settings, 0, 1)
+    import user_models
+
+    class Wider(user_models.GreyNet):  # the user edits their model file: same name, other weights
+        def __init__(self, num_classes: int, image_size: int, width: int = 4) -> None:
+            super().__init__(num_classes, image_size, width + 1)
+
+    monkeypatch.setattr(user_models, "GreyNet", Wider)
+    from grnn_engine.victims import _fingerprint_of
+
+    _fingerprint_of.cache_clear()
+    assert stage_key("digits", 16, "user_models:GreyNet", {"width": 2}, settings, 0, 1) != narrow
+    assert stage_key("digits", 16, "lenet", {}, settings, 0, 1) == registered
+
+
+def _spec(victim: dict) -> dict:
+    return {"name": "mine", "data": {"dataset": "digits", "image_size": 12},
+            "grid": {"victim": [victim], "batch_size": [1], "seed": 1,
+                     "attack": [{"name": "grnn", "params": {"iterations": 5}, "eval_every": 5}]}}
+
+
+def test_sweep_spec_takes_an_import_path(tmp_path: Path) -> None:
+    import yaml
+
+    from orchestrator.spec import SpecError, load_spec
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(_spec({"name": "user_models:GreyNet", "params": {"width": [2, 3]}})))
+    cells = load_spec(path).cells()
+    assert [c.victim_params["width"] for c in cells] == [2, 3]
+    assert cells[0].victim_fingerprint == victim_fingerprint("user_models:GreyNet", {"width": 2}, 12)
+    assert cells[0].key() != cells[1].key()
+    path.write_text(yaml.safe_dump(_spec({"name": "user_models:GreyNett"})))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "grid.victim[0].name" in str(err.value) and "did you mean 'GreyNet'" in str(err.value)
+    path.write_text(yaml.safe_dump(_spec({"name": "user_models:GreyNet", "params": {"depth": 2}})))
+    with pytest.raises(SpecError, match=r"grid.victim\[0\].params.depth: unknown parameter"):
+        load_spec(path)
