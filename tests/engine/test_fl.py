@@ -196,6 +196,21 @@ def test_dp_sgd_training_reports_epsilon(tmp_path: Path) -> None:
     eps = stage["dp_epsilon"]
     assert stage["dp_delta"] == fl.DP_DELTA
     assert eps is not None and 0 < eps < math.inf
+    # Opacus's RDP accountant on the sampled client's steps: one round of local_epochs epochs of its shard.
+    from opacus.accountants import RDPAccountant
+
+    from grnn_engine.data import load_dataset
+
+    labels = load_dataset("digits", split="train", image_size=16).labels
+    sizes = [int(s.numel()) for s in fl.partition(labels, 4, iid=True, alpha=settings.dirichlet_alpha, seed=0)]
+
+    def opacus_epsilon(n: int) -> float:
+        accountant = RDPAccountant()
+        q, steps = settings.local_batch_size / n, settings.local_epochs * math.ceil(n / settings.local_batch_size)
+        accountant.history = [(1.0, q, steps)]
+        return float(accountant.get_epsilon(fl.DP_DELTA))
+
+    assert eps in [opacus_epsilon(n) for n in sizes]
     plain = FLSettings(clients=4, clients_per_round=1, local_lr=0.5)
     assert stage_key("digits", 16, "lenet", {}, settings, 0, 1) != stage_key(
         "digits", 16, "lenet", {}, plain, 0, 1
