@@ -1,8 +1,9 @@
 """Leakage audit of a running federation: the project's attacks on the updates a real FL server receives.
 
 `AuditConfig`/`load_audit_config` (config.py), the framework-neutral `Auditor` (auditor.py) and the job it
-runs per attacked update (job.py); Flower's adapter, `AuditedStrategy` and the test federation's
-`truth_record`, are imported on first use, since they need the optional `flwr` (`pip install
+runs per attacked update (job.py); Flower's adapters, `AuditedStrategy` (Message API) and
+`AuditedLegacyStrategy` (`flwr.server.strategy`), with the test federation's `truth_record`/`truth_metrics`,
+are imported on first use, since they need the optional `flwr` (`pip install
 'grnn-sweep[audit]'`).
 """
 
@@ -17,13 +18,15 @@ from orchestrator.audit.job import AuditJob, AuditOutcome, Truth, run_audit_job
 
 _FLOWER = {
     "AuditedStrategy": "orchestrator.audit.flower_strategy",
+    "AuditedLegacyStrategy": "orchestrator.audit.flower_legacy_strategy",
+    "truth_metrics": "orchestrator.audit.flower_legacy_strategy",
     "TRUTH_KEY": "orchestrator.audit.flower_records",
     "truth_record": "orchestrator.audit.flower_records",
 }
 
 __all__ = [
-    "AttackSetting", "AuditConfig", "AuditJob", "AuditOutcome", "AuditedStrategy", "Auditor", "ClientUpdate",
-    "TRUTH_KEY", "Truth", "load_audit_config", "run_audit_job", "truth_record",
+    "AttackSetting", "AuditConfig", "AuditJob", "AuditOutcome", "AuditedLegacyStrategy", "AuditedStrategy", "Auditor",
+    "ClientUpdate", "TRUTH_KEY", "Truth", "load_audit_config", "run_audit_job", "truth_metrics", "truth_record",
 ]
 
 

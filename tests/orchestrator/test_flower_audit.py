@@ -1,5 +1,5 @@
-"""The Flower audit: Flower's own FedAvg (Message API) wrapped by AuditedStrategy, driven with real Flower
-messages (no processes), clients that really train on real digits, and a real iDLG attack on their updates."""
+"""The Flower audit: Flower's own FedAvg (Message API, and the legacy API) wrapped by the audit, driven with
+real Flower messages (no processes), clients that really train on real digits, and a real iDLG attack on their updates."""
 
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ import torch
 flwr = pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.common import (  # noqa: E402
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import SimpleClientManager  # noqa: E402
+from flwr.server.client_proxy import ClientProxy  # noqa: E402
+from flwr.server.strategy import FedAvg as LegacyFedAvg  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -24,7 +35,14 @@ from grnn_engine.data import load_dataset  # noqa: E402
 from grnn_engine.errors import ConfigError  # noqa: E402
 from grnn_engine.victims import create_victim  # noqa: E402
 from orchestrator import results  # noqa: E402
-from orchestrator.audit import TRUTH_KEY, AuditedStrategy, load_audit_config, truth_record  # noqa: E402
+from orchestrator.audit import (  # noqa: E402
+    TRUTH_KEY,
+    AuditedLegacyStrategy,
+    AuditedStrategy,
+    load_audit_config,
+    truth_metrics,
+    truth_record,
+)
 from orchestrator.report import write_report  # noqa: E402
 
 NODES = (11, 2**63 + 5)  # Flower node ids are unsigned 64-bit: the second does not fit an int64
@@ -151,6 +169,63 @@ def test_audit_without_truth_records_the_reconstruction_unscored(
     assert row["status"] == "COMPLETE" and np.isnan(row["psnr"]) and row["dataset"] == "unknown"
     assert len(row["labels_recovered"]) == 1
     assert (tmp_path / "fl" / "images" / f"{row['trial_key']}.png").is_file()
+
+
+class DirectProxy(ClientProxy):
+    """A connected client as the legacy ClientManager holds it; the strategy only reads its cid."""
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[override]
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # type: ignore[override]
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):  # type: ignore[override]
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):  # type: ignore[override]
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # type: ignore[override]
+        raise NotImplementedError
+
+
+def legacy_fit(fit_ins: FitIns, index: int) -> FitRes:
+    """A legacy NumPyClient-style client: state_dict arrays in, one SGD step on its digit, arrays out."""
+    images = load_dataset("digits", split="train", image_size=IMAGE_SIZE)
+    model = model_fn()
+    names = list(model.state_dict())
+    arrays = parameters_to_ndarrays(fit_ins.parameters)
+    model.load_state_dict({n: torch.from_numpy(a) for n, a in zip(names, arrays, strict=True)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    torch.nn.functional.cross_entropy(model(images.load([index])), images.labels[[index]]).backward()
+    optimizer.step()
+    return FitRes(status=Status(Code.OK, ""), num_examples=1, metrics=truth_metrics("digits", "train", [index]),
+                  parameters=ndarrays_to_parameters([v.detach().numpy() for v in model.state_dict().values()]))
+
+
+def test_audited_legacy_fedavg_scores_rows_and_aggregates_bit_identically(
+    tmp_path: Path, one_torch_thread: None
+) -> None:
+    manager = SimpleClientManager()
+    proxies = [DirectProxy(str(n)) for n in NODES]
+    for proxy in proxies:
+        manager.register(proxy)
+    plain = LegacyFedAvg(fraction_evaluate=0.0)
+    audited = AuditedLegacyStrategy(LegacyFedAvg(fraction_evaluate=0.0), audit_config(tmp_path), model_fn=model_fn)
+    parameters = ndarrays_to_parameters([v.numpy() for v in model_fn().state_dict().values()])
+    instructions = audited.configure_fit(1, parameters, manager)
+    by_cid = {proxy.cid: ins for proxy, ins in instructions}
+    fit = [(proxy, legacy_fit(by_cid[proxy.cid], index)) for proxy, index in zip(proxies, (7, 8), strict=True)]
+    got, _ = audited.aggregate_fit(1, fit, [])
+    want, _ = plain.aggregate_fit(1, copy.deepcopy(fit), [])
+    assert got is not None and want is not None
+    for a, b in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want), strict=True):
+        assert np.array_equal(a, b)
+    assert audited.finish_audit() == 2
+    df = results.load(tmp_path / "fl")
+    assert set(df["client_id"]) == {str(n) for n in NODES} and set(df["fl_strategy"]) == {"FedAvg"}
+    assert df["psnr"].notna().all() and (df["label_acc"] == 1.0).all()
 
 
 @pytest.mark.parametrize(
