@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="python benchmarks/flower_audit.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--update", choices=("fedsgd", "fedavg", "both"), default="fedsgd",
                    help="fedsgd: one local SGD step per round; fedavg: --local-steps steps; both: one federation each")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--clients", type=int, default=2, help="SuperNodes (each one a client with its own shard)")
     p.add_argument("--dataset", default="mnist", help="a dataset of the registry, read from the data root")
     p.add_argument("--victim", default="lenet_zhu", help="the federation's model (a registry victim)")
@@ -206,7 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local-steps", type=int, default=3, help="SGD steps per round for --update fedavg")
     p.add_argument("--local-lr", type=float, default=0.1)
     p.add_argument("--attack", default="idlg")
-    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=5, help="attack iterations (iDLG: L-BFGS steps of 20 evaluations)")
     p.add_argument("--every", type=int, default=1, help="audit every N-th round")
     p.add_argument("--audit-clients", type=int, default=None, help="updates attacked per audited round (all)")
     p.add_argument("--use-ray", action="store_true", help="hand the attacks to Ray tasks")

@@ -1,6 +1,6 @@
 """ServerApp of the audited benchmark federation: Flower's FedAvg, wrapped by the project's leakage audit.
 
-The audit is the two marked lines; the rest is an ordinary Message-API ServerApp with a central evaluation
+The audit is the marked line and its settings (`audit`); the rest is an ordinary Message-API ServerApp with a central evaluation
 of the global model on the dataset's test split.
 """
 
@@ -46,13 +46,13 @@ def main(grid: Grid, context: Context) -> None:
         "name": str(run["audit-name"]), "results": str(run["audit-results"]),
         "every": int(run["audit-every"]), "clients": int(run["audit-clients"]) or None,
         "attacks": [{"name": str(run["audit-attack"]), "params": {"iterations": int(run["audit-iterations"])}}],
-        "victim": str(run["victim"]), "image_size": image_size,
+        "victim": str(run["victim"]), "image_size": image_size, "num_classes": test.num_classes,
         "local_steps": int(run["local-steps"]), "local_lr": float(run["local-lr"]),
         "use_ray": bool(run["audit-use-ray"]), "seed": int(run["seed"]), "eval_every": 5,
     }  # fmt: skip
     clients = int(run["num-clients"])  # wait for every SuperNode, train on all of them each round
     strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
-    strategy = AuditedStrategy(strategy, audit, model_fn=model_fn)  # <- the audit
+    strategy = AuditedStrategy(strategy, audit)  # <- the audit (the model: the registry victim named in `audit`)
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(model_fn().state_dict()), num_rounds=int(run["num-server-rounds"]),
         train_config=ConfigRecord({"lr": float(run["local-lr"])}), evaluate_fn=evaluate,

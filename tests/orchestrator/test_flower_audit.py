@@ -171,6 +171,21 @@ def test_audit_without_truth_records_the_reconstruction_unscored(
     assert (tmp_path / "fl" / "images" / f"{row['trial_key']}.png").is_file()
 
 
+def test_audit_handed_to_ray_lands_every_row_and_leaves_the_callers_ray_running(
+    tmp_path: Path, server_identity: None, ray_session: None
+) -> None:
+    import ray
+
+    audited = AuditedStrategy(FedAvg(fraction_evaluate=0.0), audit_config(tmp_path, use_ray=True), model_fn=model_fn)
+    arrays = ArrayRecord(model_fn().state_dict())
+    messages = list(audited.configure_train(1, arrays, ConfigRecord(), DirectGrid()))
+    audited.aggregate_train(1, [train_reply(m, i) for m, i in zip(messages, (9, 10), strict=True)])
+    assert audited.finish_audit() == 2  # waits for the Ray tasks
+    df = results.load(tmp_path / "fl")
+    assert len(df) == 2 and df["psnr"].notna().all() and (df["label_acc"] == 1.0).all()
+    assert ray.is_initialized()  # the audit did not start this Ray, so it does not stop it
+
+
 class DirectProxy(ClientProxy):
     """A connected client as the legacy ClientManager holds it; the strategy only reads its cid."""
 
