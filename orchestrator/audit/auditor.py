@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import secrets
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,21 @@ def classifier_outputs(model: nn.Module) -> int:
     if not last:
         raise ConfigError(f"the audit needs num_classes for {type(model).__name__}, which has no nn.Linear to read it from")
     return int(last[-1].out_features)
+
+
+# Packages every Ray worker imports on its own; any other module's model code travels with the task.
+_INSTALLED = {"grnn_engine", "orchestrator", "torch", "torchvision", "functools"}
+
+
+def ship_model_code(model_fn: Callable[[], nn.Module]) -> None:
+    """Make Ray pickle the user's model code by value. A ServerApp's own modules (its `Net`) are imported from
+    the Flower App's folder, which Ray workers do not have on their path: by reference they would not load."""
+    import ray.cloudpickle
+
+    target = model_fn.func if isinstance(model_fn, functools.partial) else model_fn
+    module = getattr(target, "__module__", None)
+    if module and module.split(".")[0] not in _INSTALLED and module in sys.modules:
+        ray.cloudpickle.register_pickle_by_value(sys.modules[module])
 
 
 class Auditor:
@@ -152,6 +168,7 @@ class Auditor:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
             self._ray_started_here = True
+        ship_model_code(self.model_fn)
         task = ray.remote(run_audit_job).options(num_cpus=self.config.cpus_per_attack)
         self._pending += [task.remote(job) for job in jobs]
 
