@@ -11,8 +11,9 @@ attacked update to results/<name>_<update>/. Then the report is rendered from th
     python benchmarks/flower_audit.py --update fedavg           # multi-step FedAvg (--local-steps 3)
     python benchmarks/flower_audit.py --update both --rounds 3 --clients 3 --use-ray
 
-Flower's state (its config, the installed app, logs) lives in a temporary folder removed at the end;
-every process started is stopped by pid, SuperNodes first, with the processes Flower started under them.
+Flower's state (its config, the installed app, logs) and, with --use-ray, Ray's session live in a temporary
+folder removed at the end; every process started is stopped by pid, SuperNodes first, with the processes
+Flower started under them.
 Ends with one JSON line per configuration: rounds, clients, rows, psnr_mean, label_acc_mean, fl_accuracy.
 """
 
@@ -130,7 +131,7 @@ def federation(args: argparse.Namespace, update: str, work: Path) -> dict[str, o
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "FLWR_HOME": str(work / "flwr_home"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "FLWR_TELEMETRY_ENABLED": "0"}  # fmt: skip
+           "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": str(work / "ray")}  # fmt: skip  (--use-ray: Ray's session too)
     port = free_port()
     (work / "flwr_home").mkdir()
     (work / "flwr_home" / "config.toml").write_text(
