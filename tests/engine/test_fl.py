@@ -32,7 +32,7 @@ from grnn_engine.trial_spec import TrialSpec
 from grnn_engine.victims import create_victim
 
 # Small and fast on one CPU thread; measured: test accuracy 0.10 at round 0, 0.48 at 2, 0.84 at 4.
-FAST = {"clients": 4, "local_epochs": 2, "local_lr": 0.5}
+FAST = {"clients": 4, "clients_per_round": 1.0, "local_epochs": 2, "local_lr": 0.5}
 SETTINGS = FLSettings(**FAST)
 SIZE = 32
 ROUNDS = [0, 2, 4]
@@ -159,7 +159,7 @@ def test_trials_find_their_stage(
 
 
 # Faces: 40 people, 8 training photos each; measured (seed 0) test accuracy 0.36 at round 5, 0.88 at 10.
-FACES_FL = {"clients": 2, "local_epochs": 5, "local_batch_size": 8, "local_lr": 0.3}
+FACES_FL = {"clients": 2, "clients_per_round": 1.0, "local_epochs": 5, "local_batch_size": 8, "local_lr": 0.3}
 
 
 @pytest.mark.skipif(not HAS_FACES, reason="att_faces needs GRNN_DATA_ROOT (../shared/data)")
@@ -247,7 +247,8 @@ def test_settings_that_train_alike_share_a_key() -> None:
     def key(**values: Any) -> str:
         return stage_key("digits", 32, "lenet", {}, FLSettings(**values), 0, 3)
 
-    assert key(clients_per_round=1.0) == key(clients_per_round=10) == key()
+    assert key(clients_per_round=1.0) == key(clients_per_round=10) != key()
+    assert key(clients_per_round=0.2) == key(clients_per_round=2) == key()  # the default: 2 of 10
     assert key(dirichlet_alpha=0.1) == key()  # unused while iid
     assert key(iid=False, dirichlet_alpha=0.1) != key(iid=False, dirichlet_alpha=0.5)
     assert key(local_lr=0.2) != key()
@@ -317,7 +318,10 @@ def test_untrained_chains_decode_their_test_split_once(tmp_path: Path, monkeypat
 
 def test_dp_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
     def settings(sigma: float) -> FLSettings:
-        return FLSettings(clients=4, defense="dp_sgd", defense_params={"clip": 1.0, "sigma": sigma})
+        return FLSettings(
+            clients=4, clients_per_round=1.0, local_epochs=1, defense="dp_sgd",
+            defense_params={"clip": 1.0, "sigma": sigma},
+        )
 
     sizes = [360, 360, 359, 359]
     e1, e5 = dp_epsilon(settings(1.0), sizes, 0, 1), dp_epsilon(settings(1.0), sizes, 0, 5)
