@@ -14,7 +14,7 @@ endif
 # Ray: no usage reporting; tests run their embedded Ray without token auth in a temp dir of their own.
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv sweep report test test-slow test-faults lint bench clean
+.PHONY: venv sweep report test test-slow test-faults lint bench clean cluster-test
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ test-faults: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check grnn_engine orchestrator tests benchmarks
 	$(PY) -m mypy
+
+# Both lab cluster paths run for real on this machine: a single-node Slurm running cluster/slurm/sweep.sbatch,
+# and `ray up` of cluster/onprem.yaml over SSH to 127.0.0.1. Needs root (Debian packages); not part of `test`.
+cluster-test: $(STAMP)
+	PY=$(abspath $(PY)) bash cluster/test/cluster_test.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py
