@@ -39,6 +39,7 @@ chmod 755 "$T"
 mkdir -p "$T/snap" "$T/results" "$T/rt"
 
 pids=()            # daemons started here, stopped in reverse order
+chain_pids=()      # the on-prem steps, run in a background subshell
 created_user=0
 created_run_sshd=0
 ssh_control_dir=""
@@ -97,6 +98,7 @@ cleanup() {
             for _ in $(seq 60); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 1; done
         fi
     fi
+    stop_pids "${chain_pids[@]}"
     if [ "$created_user" = 1 ]; then
         mapfile -t user_pids < <(ps -o pid= -u "$TEST_USER" 2>/dev/null | tr -d ' ')
         stop_pids "${user_pids[@]}"
@@ -250,47 +252,6 @@ expect_state() {
     [ "$state" = "$2" ] || { tail -n 30 "$T/slurm/job-$1.out" >&2; die "step $3: job $1 ended $state, expected $2"; }
 }
 
-log "step slurm-run: sbatch cluster/slurm/sweep.sbatch $SPEC --results $T/results/slurm"
-job=$(submit "$T/results/slurm") || exit 1
-wait_job "$job"
-expect_state "$job" COMPLETED slurm-run
-no_ray_left "$job" slurm-run
-ledger snapshot "$T/results/slurm/quickstart" >"$T/snap/slurm-1.json" || die "step slurm-run: no ledger"
-log "job $job done: $(rows "$T/results/slurm/quickstart") rows"
-
-log "step slurm-rerun: the same job again; nothing may run"
-job=$(submit "$T/results/slurm") || exit 1
-wait_job "$job"
-expect_state "$job" COMPLETED slurm-rerun
-no_ray_left "$job" slurm-rerun
-grep -q "nothing to run" "$T/slurm/job-$job.out" || die "step slurm-rerun: the sweep did not report 'nothing to run'"
-ledger snapshot "$T/results/slurm/quickstart" >"$T/snap/slurm-2.json"
-
-log "step slurm-cancel: a fresh sweep, scancel while trials run, then submitted again"
-cancel_results="$T/results/slurm-cancel"
-job=$(submit "$cancel_results") || exit 1
-deadline=$(( $(date +%s) + JOB_TIMEOUT_S ))
-while :; do
-    n=$(rows "$cancel_results/quickstart")
-    [ "$n" -ge 3 ] && break
-    [ -n "$(squeue -h -j "$job")" ] || die "step slurm-cancel: job $job ended before 3 trials finished"
-    [ "$(date +%s)" -lt "$deadline" ] || die "step slurm-cancel: no 3 trials finished in ${JOB_TIMEOUT_S}s"
-    sleep 1
-done
-[ "$(job_state "$job")" = RUNNING ] || die "step slurm-cancel: job $job is $(job_state "$job"), not RUNNING"
-log "scancel $job at $n rows"
-scancel "$job"
-wait_job "$job"
-expect_state "$job" CANCELLED slurm-cancel
-no_ray_left "$job" slurm-cancel
-ledger snapshot "$cancel_results/quickstart" >"$T/snap/cancel-at.json"
-log "job $job cancelled with $(rows "$cancel_results/quickstart") rows; submitting again"
-job=$(submit "$cancel_results") || exit 1
-wait_job "$job"
-expect_state "$job" COMPLETED slurm-cancel
-no_ray_left "$job" slurm-cancel
-ledger snapshot "$cancel_results/quickstart" >"$T/snap/cancel-final.json"
-
 # ------------------------------------------------------------------------------------------------
 log "step sshd: an SSH server on 127.0.0.1 for a test account ($TEST_USER), key login only"
 if getent passwd "$TEST_USER" >/dev/null; then
@@ -299,7 +260,11 @@ if getent passwd "$TEST_USER" >/dev/null; then
         *) die "step sshd: an account '$TEST_USER' exists and is not this test's; remove it or rename TEST_USER" ;;
     esac
 fi
-useradd --create-home --home-dir "$T/home" --shell /bin/bash "$TEST_USER" || die "step sshd: useradd failed"
+for _ in $(seq 30); do  # /etc/passwd may be locked a moment by another account change
+    useradd --create-home --home-dir "$T/home" --shell /bin/bash "$TEST_USER" 2>"$T/useradd.log" && break
+    sleep 2
+done
+getent passwd "$TEST_USER" >/dev/null || { cat "$T/useradd.log" >&2; die "step sshd: useradd $TEST_USER failed"; }
 created_user=1
 usermod -p '*' "$TEST_USER"   # no password, but not locked: sshd (without PAM) refuses locked accounts
 mkdir -p "$T/ssh" "$T/onprem" "$T/launcher"
@@ -363,18 +328,65 @@ print(f'/tmp/ray_ssh_{h(getpass.getuser())}/{h(sys.argv[1])}')" "$cluster_name")
 [ -d "$(dirname "$ssh_control_dir")" ] && ssh_control_parent_existed=1
 # The launcher's local-provider state and config cache go to the temp folder, not /tmp/ray.
 ray_cli() { (cd "$REPO" && RAY_TMPDIR="$T/launcher" timeout "$JOB_TIMEOUT_S" "$RAY_CLI" "$@"); }
-ray_cli up -y --no-config-cache "$config" >"$T/onprem/up.log" 2>&1 || die "step onprem: ray up failed"
-log "ray up done; ray exec of the quickstart sweep"
-ray_cli exec "$config" "cd ~/grnn-sweep && python -m orchestrator.sweep $SPEC --address auto" \
-    >"$T/onprem/exec.log" 2>&1 || die "step onprem: ray exec of the sweep failed"
-ray_cli rsync-down "$config" "~/grnn-sweep/results/quickstart" "$T/results/onprem/" \
-    >"$T/onprem/rsync.log" 2>&1 || die "step onprem: ray rsync-down failed"
-ray_cli down -y "$config" >"$T/onprem/down.log" 2>&1 || die "step onprem: ray down failed"
-sleep 3
-left=$(ps -o pid=,args= -u "$TEST_USER" | grep -v -e sshd -e 'ps -o' || true)
-[ -z "$left" ] || die "step onprem: processes of $TEST_USER still run after ray down: $left"
+onprem_chain() {
+    ray_cli up -y --no-config-cache "$config" >"$T/onprem/up.log" 2>&1 || die "step onprem: ray up failed"
+    log "onprem: ray up done; ray exec of the quickstart sweep"
+    ray_cli exec "$config" "cd ~/grnn-sweep && python -m orchestrator.sweep $SPEC --address auto" \
+        >"$T/onprem/exec.log" 2>&1 || die "step onprem: ray exec of the sweep failed"
+    ray_cli rsync-down "$config" "~/grnn-sweep/results/quickstart" "$T/results/onprem/" \
+        >"$T/onprem/rsync.log" 2>&1 || die "step onprem: ray rsync-down failed"
+    ray_cli down -y "$config" >"$T/onprem/down.log" 2>&1 || die "step onprem: ray down failed"
+    sleep 3
+    left=$(ps -o pid=,args= -u "$TEST_USER" | grep -v -e sshd -e 'ps -o' || true)
+    [ -z "$left" ] || die "step onprem: processes of $TEST_USER still run after ray down: $left"
+    log "onprem: ray rsync-down and ray down done: $(rows "$T/results/onprem/quickstart") rows fetched"
+}
+
+slurm_chain() {
+    # One sweep, three jobs: cancelled while trials run, resumed to the end, resubmitted (nothing may run).
+    local results="$T/results/slurm" job n deadline
+    log "step slurm-cancel: sbatch cluster/slurm/sweep.sbatch $SPEC --results $results; scancel while trials run"
+    job=$(submit "$results") || exit 1
+    deadline=$(( $(date +%s) + JOB_TIMEOUT_S ))
+    while :; do
+        n=$(rows "$results/quickstart")
+        [ "$n" -ge 3 ] && break
+        [ -n "$(squeue -h -j "$job")" ] || die "step slurm-cancel: job $job ended before 3 trials finished"
+        [ "$(date +%s)" -lt "$deadline" ] || die "step slurm-cancel: no 3 trials finished in ${JOB_TIMEOUT_S}s"
+        sleep 1
+    done
+    [ "$(job_state "$job")" = RUNNING ] || die "step slurm-cancel: job $job is $(job_state "$job"), not RUNNING"
+    log "scancel $job at $n rows"
+    scancel "$job"
+    wait_job "$job"
+    expect_state "$job" CANCELLED slurm-cancel
+    no_ray_left "$job" slurm-cancel
+    ledger snapshot "$results/quickstart" >"$T/snap/cancel-at.json" || die "step slurm-cancel: no ledger"
+
+    log "step slurm-run: job $job cancelled with $(rows "$results/quickstart") rows; the same sbatch again runs the rest"
+    job=$(submit "$results") || exit 1
+    wait_job "$job"
+    expect_state "$job" COMPLETED slurm-run
+    no_ray_left "$job" slurm-run
+    ledger snapshot "$results/quickstart" >"$T/snap/slurm-1.json"
+    log "job $job done: $(rows "$results/quickstart") rows"
+
+    log "step slurm-rerun: the same sbatch once more; nothing may run"
+    job=$(submit "$results") || exit 1
+    wait_job "$job"
+    expect_state "$job" COMPLETED slurm-rerun
+    no_ray_left "$job" slurm-rerun
+    grep -q "nothing to run" "$T/slurm/job-$job.out" || die "step slurm-rerun: the sweep did not report 'nothing to run'"
+    ledger snapshot "$results/quickstart" >"$T/snap/slurm-2.json"
+}
+
+# The on-prem path in the background (its venv install mostly waits on the network), the Slurm path here.
+onprem_chain &
+onprem_pid=$!
+chain_pids+=("$onprem_pid")
+slurm_chain
+wait "$onprem_pid" || die "step onprem failed (see above)"
 
 # ------------------------------------------------------------------------------------------------
 log "step report"
-ledger report --slurm "$T/results/slurm/quickstart" --slurm-cancel "$cancel_results/quickstart" \
-    --onprem "$T/results/onprem/quickstart" --snapshots "$T/snap" --seconds $(( $(date +%s) - started ))
+ledger report --slurm "$T/results/slurm/quickstart" --onprem "$T/results/onprem/quickstart" --snapshots "$T/snap" --seconds $(( $(date +%s) - started ))

@@ -1,7 +1,7 @@
 """Ledger facts for `make cluster-test` (cluster/test/cluster_test.sh), read from the results folders alone.
 
     python cluster/test/ledger_check.py snapshot FOLDER            # JSON: each part's identity (key -> file stamp)
-    python cluster/test/ledger_check.py report --slurm F --slurm-cancel F --onprem F --snapshots DIR --seconds S
+    python cluster/test/ledger_check.py report --slurm F --onprem F --snapshots DIR --seconds S
 
 A part is one finished trial (`parts/<key>.parquet`, written once, atomically). A trial that ran again
 rewrites its part, so a changed stamp (inode, size, mtime) between two snapshots means the trial ran again.
@@ -73,19 +73,19 @@ def load_snapshot(path: Path) -> Snapshot:
 
 
 def report(args: argparse.Namespace) -> int:
+    """The test's verdict. Snapshots of the Slurm ledger: `cancel-at` once the cancelled job had ended,
+    `slurm-1` after the resubmitted job finished the sweep, `slurm-2` after the third submission."""
     snaps = Path(args.snapshots)
     problems: list[str] = []
 
     slurm = ledger_facts(Path(args.slurm))
-    first, second = load_snapshot(snaps / "slurm-1.json"), load_snapshot(snaps / "slurm-2.json")
+    at_cancel, first, second = (load_snapshot(snaps / f"{n}.json") for n in ("cancel-at", "slurm-1", "slurm-2"))
     rerun_ran = len(changed(first, second))
-    cancel = ledger_facts(Path(args.slurm_cancel))
-    at_cancel, final = load_snapshot(snaps / "cancel-at.json"), load_snapshot(snaps / "cancel-final.json")
-    lost = sorted(set(at_cancel) - set(final))          # rows there when the job was cancelled, gone after
-    redone = sorted(set(at_cancel) & set(changed(at_cancel, final)))  # finished before the cancel, ran again
+    lost = sorted(set(at_cancel) - set(second))  # rows there when the job was cancelled, gone later
+    redone = sorted(set(at_cancel) & set(changed(at_cancel, second)))  # finished before the cancel, ran again
     onprem = ledger_facts(Path(args.onprem))
 
-    for name, facts in (("slurm", slurm), ("slurm (cancelled, resumed)", cancel), ("onprem", onprem)):
+    for name, facts in (("slurm", slurm), ("onprem", onprem)):
         if facts["rows"] != facts["cells"] or facts["missing"]:
             problems.append(f"{name}: {facts['rows']} rows for {facts['cells']} cells, missing {facts['missing']}")
         if facts["complete"] != facts["cells"]:
@@ -94,8 +94,8 @@ def report(args: argparse.Namespace) -> int:
             problems.append(f"{name}: {facts['dup']} duplicated rows")
     if rerun_ran:
         problems.append(f"slurm: resubmitting the finished sweep ran {rerun_ran} trials again")
-    if not at_cancel or len(at_cancel) >= cancel["cells"]:
-        problems.append(f"slurm: the cancelled job had {len(at_cancel)} rows, not some of {cancel['cells']}")
+    if not at_cancel or len(at_cancel) >= slurm["cells"]:
+        problems.append(f"slurm: the cancelled job had {len(at_cancel)} rows, not some of {slurm['cells']}")
     if lost:
         problems.append(f"slurm: rows lost after the cancel: {lost}")
     if redone:
@@ -103,7 +103,7 @@ def report(args: argparse.Namespace) -> int:
 
     line = {
         "slurm": {
-            "rows": slurm["rows"], "complete": slurm["complete"], "dup": slurm["dup"] + cancel["dup"] + len(redone),
+            "rows": slurm["rows"], "complete": slurm["complete"], "dup": slurm["dup"] + len(redone),
             "rerun_ran": rerun_ran, "after_cancel_lost": len(lost),
         },
         "onprem": {"rows": onprem["rows"], "complete": onprem["complete"]},
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("snapshot").add_argument("folder")
     r = sub.add_parser("report")
-    for flag in ("--slurm", "--slurm-cancel", "--onprem", "--snapshots", "--seconds"):
+    for flag in ("--slurm", "--onprem", "--snapshots", "--seconds"):
         r.add_argument(flag, required=True)
     args = p.parse_args(argv)
     if args.command == "snapshot":
