@@ -4,7 +4,7 @@ victims, with defenses and honest scoring. Pure PyTorch: never imports ray, pand
 Importing the package registers every plugin (datasets, victims, attacks, defenses).
 """
 
-from grnn_engine import attacks, data, defenses, victims  # noqa: F401  (registration on import)
+from grnn_engine import attacks, data, defenses, imprint_victim, victims  # noqa: F401  (registration on import)
 from grnn_engine.attacks.base import ATTACKS, Attack, Reconstruction, SharedUpdate
 from grnn_engine.data import DATASETS, load_dataset, select_batch
 from grnn_engine.defenses import DEFENSES

@@ -21,6 +21,7 @@ from grnn_engine.attacks.base import (
     Attack,
     Reconstruction,
     SharedUpdate,
+    check_attack_victim,
     soft_cross_entropy,
     trainable_parameters,
 )
@@ -162,6 +163,7 @@ def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) ->
     start = time.perf_counter()
     device = resolve_device(spec.device)
     attack = ATTACKS.create(spec.attack, **spec.attack_params)
+    check_attack_victim(spec.attack, spec.victim)
     defense = DEFENSES.create(spec.defense, **spec.defense_params)
     images_set = load_dataset(
         spec.dataset, root=spec.data_root, split=spec.split, image_size=spec.image_size, download=spec.download

@@ -18,7 +18,12 @@ mode. BatchNorm then normalises with the global model's running statistics (mean
 untrained), so each example's gradient depends on that example alone; this is what a client does when
 it evaluates its update on the server's statistics, and it makes batch size 1 well-defined. The FL
 training stage switches to train() while it trains and back to eval() before the update is shared.
-Attacks use the model as given.
+Attacks use the model as given. The ResNets' `bn_mode="train"` (GradInversion's setting, Yin et al. 2021)
+instead makes every BatchNorm normalise each forward pass with the statistics of the batch it sees, as a
+client's training step in train() mode does, in eval() too; the running statistics are still updated only
+in train() (FL training) and never read, so the global model's statistics stay what the server sent.
+
+`imprint` (grnn_engine.imprint_victim) is the malicious-server wrapper of Fowl et al. 2022.
 
 ResNet-20 uses He et al.'s option-A shortcuts (stride-2 subsampling plus zero-padded channels, no
 parameters), as in the paper's CIFAR experiments; ResNet-18 uses 1x1-conv + norm projection shortcuts,
@@ -51,6 +56,7 @@ VICTIMS: Registry[nn.Module] = Registry("victim", import_paths=True)
 INITS = ("default", "uniform")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 NORMS = ("batch", "none")
+BN_MODES = ("eval", "train")
 
 
 def create_victim(
@@ -122,11 +128,26 @@ def _activation(name: str, activation: str) -> Callable[[], nn.Module]:
     return ACTIVATIONS[activation]
 
 
-def _norm(name: str, norm: str) -> Callable[[int], nn.Module]:
+class BatchStatisticsNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with the current batch's statistics (a client's train-mode step).
+
+    In train() it is plain BatchNorm (running statistics updated, as FL training needs); in eval() it still
+    uses the batch's mean and biased variance but leaves the running statistics untouched.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().forward(x)
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
+
+
+def _norm(name: str, norm: str, bn_mode: str = "eval") -> Callable[[int], nn.Module]:
     if norm not in NORMS:
         raise ConfigError(f"unknown norm '{norm}' for victim '{name}'; allowed: {', '.join(NORMS)}.")
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"unknown bn_mode '{bn_mode}' for victim '{name}'; allowed: {', '.join(BN_MODES)}.")
     if norm == "batch":
-        return nn.BatchNorm2d
+        return BatchStatisticsNorm2d if bn_mode == "train" else nn.BatchNorm2d
     return lambda channels: nn.Identity()
 
 
@@ -283,10 +304,11 @@ def resnet18(
     init: str = "uniform",
     activation: str = "sigmoid",
     norm: str = "batch",
+    bn_mode: str = "eval",
 ) -> nn.Module:
     """CIFAR ResNet-18 (64-512 channels, [2, 2, 2, 2] blocks). Needs image_size >= 8 (3 halvings)."""
     _check_common("resnet18", num_classes, image_size, 8, init)
-    act, norm_layer = _activation("resnet18", activation), _norm("resnet18", norm)
+    act, norm_layer = _activation("resnet18", activation), _norm("resnet18", norm, bn_mode)
     model = ResNet(num_classes, (64, 128, 256, 512), (2, 2, 2, 2), act, norm_layer, shortcut="conv")
     return _finish(model, init)
 
@@ -299,9 +321,10 @@ def resnet20(
     init: str = "uniform",
     activation: str = "sigmoid",
     norm: str = "batch",
+    bn_mode: str = "eval",
 ) -> nn.Module:
     """He et al.'s CIFAR ResNet-20 (16/32/64 channels, 3x3 blocks, option-A shortcuts). Needs image_size >= 4."""
     _check_common("resnet20", num_classes, image_size, 4, init)
-    act, norm_layer = _activation("resnet20", activation), _norm("resnet20", norm)
+    act, norm_layer = _activation("resnet20", activation), _norm("resnet20", norm, bn_mode)
     model = ResNet(num_classes, (16, 32, 64), (3, 3, 3), act, norm_layer, shortcut="pad")
     return _finish(model, init)

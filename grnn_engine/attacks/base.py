@@ -85,6 +85,10 @@ class Attack(ABC):
 
     name: ClassVar[str]
     iterations: int
+    # The victims whose threat model the attack needs (e.g. the malicious server's `imprint` model); None: any.
+    requires_victims: ClassVar[tuple[str, ...] | None] = None
+    # True for closed-form attacks: the answer does not depend on the generator.
+    analytic: ClassVar[bool] = False
 
     def reconstruct(
         self,
@@ -111,6 +115,15 @@ class Attack(ABC):
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
+
+
+def check_attack_victim(attack: str, victim: str) -> None:
+    """ConfigError (one sentence) when attack `attack` cannot run on victim `victim` (see `requires_victims`)."""
+    needed = getattr(ATTACKS.get(attack), "requires_victims", None)
+    if needed is not None and victim not in needed:
+        raise ConfigError(
+            f"attack '{attack}' needs victim {' or '.join(repr(v) for v in needed)} (got victim '{victim}')"
+        )
 
 
 def trainable_parameters(model: nn.Module) -> list[Tensor]:
