@@ -12,14 +12,12 @@ Honest threat model: the prior is fitted on the *other* split of the victim's da
 private batch is drawn from (`PublicData`: the trial's `train` split when it attacks `test`), so the
 attacker never sees the private images. It is keyed by what it depends on (the public data's identity,
 its image size, the prior's settings), never by the attacked batch or the trial seed, and cached with the
-FL stages' content-addressed cache (grnn_engine.fl: `load_torch_cache` / `atomic_torch_save`, read back
-with `weights_only=True`): trained once per dataset and image size, in seconds on a CPU.
+FL stages' content-addressed cache (grnn_engine.cache_files: `content_hash`, `load_torch_cache` /
+`atomic_torch_save`, read back with `weights_only=True`, in the stages' folder): trained once per dataset and image size, in seconds on a CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pathlib
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grnn_engine.cache_files import atomic_torch_save, content_hash, load_torch_cache
 from grnn_engine.data import SPLITS, load_dataset
 from grnn_engine.errors import ConfigError
 
@@ -80,9 +79,7 @@ class PriorSettings:
 
 def prior_key(public: PublicData, settings: PriorSettings) -> str:
     """Content address (24 hex digits) of the prior fitted on `public` with `settings`."""
-    payload = {"format": PRIOR_FORMAT, "kind": "gaussian", **public.identity(), **asdict(settings)}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return content_hash({"format": PRIOR_FORMAT, "kind": "gaussian", **public.identity(), **asdict(settings)})
 
 
 class GaussianImagePrior:
@@ -165,7 +162,7 @@ def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[Gau
 def load_or_fit_prior(public: PublicData, settings: PriorSettings,
                       cache_dir: str | os.PathLike[str] | None = None) -> GaussianImagePrior:
     """The prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
-    from grnn_engine.fl import atomic_torch_save, load_torch_cache, resolve_cache_dir  # the one cache
+    from grnn_engine.stage_cache import resolve_cache_dir  # the stages' folder; imported late: needs fl_settings
 
     global priors_fitted
     path = pathlib.Path(resolve_cache_dir(cache_dir)) / f"prior-{prior_key(public, settings)}.pt"
