@@ -162,7 +162,8 @@ def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[Gau
 def load_or_fit_prior(public: PublicData, settings: PriorSettings,
                       cache_dir: str | os.PathLike[str] | None = None) -> GaussianImagePrior:
     """The prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
-    from grnn_engine.stage_cache import resolve_cache_dir  # the stages' folder; imported late: needs fl_settings
+    # The stages' folder; imported here because stage_cache needs fl_settings, which needs the defenses.
+    from grnn_engine.stage_cache import resolve_cache_dir
 
     global priors_fitted
     path = pathlib.Path(resolve_cache_dir(cache_dir)) / f"prior-{prior_key(public, settings)}.pt"
