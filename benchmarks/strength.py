@@ -3,8 +3,9 @@
 Every setting (dataset x victim x fl_round x batch size x attack) runs the same `--batches` batches, batch
 k drawn from seed k (`select_batch`), so attacks are compared on identical images. fl_round 0 is the
 untrained model; a later round is the FedAvg-trained global model (grnn_engine.fl trains and caches it on
-first use). Attacks are given as `name` or `name:preset` (`grnn:paper`, `grnn:strong`); others run with
-their defaults, recorded under the preset name "default".
+first use). Attacks are given as `name` or `name:preset` (`grnn:paper`, `grnn:strong`, `grnn:prior`); others
+run with their defaults, recorded under the preset name "default". `grnn:prior` fits its image prior on the
+dataset's train split (the batches come from test) on first use and caches it ($GRNN_CACHE_DIR).
 
 The full grid (CIFAR-10 and MNIST, lenet and resnet18, B = 1, 4, 8, 16, two stages, 16 batches) needs a
 GPU; every axis is a flag so that a small subset runs on a CPU, e.g.
@@ -13,6 +14,9 @@ GPU; every axis is a flag so that a small subset runs on a CPU, e.g.
 Prints one row per setting, then one JSON line of
 `<attack>_<preset>_<victim>_b<B>[_<dataset>][_r<round>]_{psnr,ssim,label_acc}` (the dataset is left out
 for cifar10 and the round for round 0, so `grnn_strong_lenet_b4_psnr` is CIFAR-10, untrained lenet).
+The headline figures of every GRNN preset measured on CIFAR-10, untrained lenet, are repeated under short
+names: `<preset>_b<B>_{psnr,ssim,label_acc}` (e.g. `prior_b1_psnr`, `paper_b8_psnr`), with
+`<preset>_eval_ratio`, its victim-gradient evaluations per trial over the paper preset's.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from typing import Any
 
 import torch
 
-from grnn_engine import TrialSpec, run_trial
+from grnn_engine import ATTACKS, TrialSpec, run_trial
 from grnn_engine.cli_values import user_error
 from grnn_engine.errors import ConfigError, DataError
 
-DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "dlg", "idlg", "ig"]
+DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "grnn:prior", "dlg", "idlg", "ig"]
 
 
 def parse_attack(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -51,6 +55,28 @@ def result_key(attack: str, preset: str, victim: str, batch_size: int, dataset: 
     if fl_round:
         key += f"_r{fl_round}"
     return key
+
+
+def evaluation_ratio(preset: str) -> float:
+    """Victim-gradient evaluations of one GRNN trial with `preset` over the paper preset's (iterations *
+    restarts + refine_iterations: each iteration evaluates the victim's gradient once)."""
+    params = {} if preset == "default" else {"preset": preset}
+    return ATTACKS.create("grnn", **params).iterations / ATTACKS.create("grnn", preset="paper").iterations
+
+
+def headline(figures: dict[str, float]) -> dict[str, float]:
+    """The GRNN presets' CIFAR-10 / untrained lenet figures under short names (`prior_b1_psnr`, ...)."""
+    out: dict[str, float] = {}
+    for key, value in figures.items():
+        parts = key.split("_")
+        # grnn_<preset>_lenet_b<B>_<metric...>: cifar10 and round 0 are the keys without those parts.
+        if parts[0] != "grnn" or parts[2] != "lenet" or not parts[3].startswith("b") or not parts[3][1:].isdigit():
+            continue
+        metric = "_".join(parts[4:])
+        if metric in ("psnr", "ssim", "label_acc"):
+            out[f"{parts[1]}_{parts[3]}_{metric}"] = value
+            out[f"{parts[1]}_eval_ratio"] = round(evaluation_ratio(parts[1]), 4)
+    return out
 
 
 def run_setting(attack: str, params: dict[str, Any], *, dataset: str, data_root: str | None, victim: str,
@@ -122,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{s['s_per_trial']:8.1f}{note}", flush=True)
     except (ConfigError, DataError) as error:
         return user_error(error)
-    print(json.dumps(figures))
+    print(json.dumps({**headline(figures), **figures}))
     return 0
 
 

@@ -25,6 +25,7 @@ from grnn_engine.attacks.base import (
     soft_cross_entropy,
     trainable_parameters,
 )
+from grnn_engine.attacks.image_prior import PublicData
 from grnn_engine.data import ImageSet, load_dataset, select_batch
 from grnn_engine.defenses import DEFENSES, ClientBatch
 from grnn_engine.devices import resolve_device
@@ -171,6 +172,9 @@ def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) ->
     images, labels, indices = select_batch(
         images_set, spec.batch_size, spec.seed, indices=spec.indices, distinct_labels=spec.distinct_labels
     )
+    # A learned prior may only see the other split: never the images the private batch comes from.
+    attack.bind_public_data(PublicData.disjoint_from(spec.dataset, spec.split, spec.image_size,
+                                                     root=spec.data_root, download=spec.download))
     identifier = None
     if spec.reid is not None:
         from grnn_engine.reid import fit_identifier  # only face trials need it

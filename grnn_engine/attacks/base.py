@@ -12,13 +12,16 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from grnn_engine.errors import ConfigError
 from grnn_engine.registry import Registry
+
+if TYPE_CHECKING:
+    from grnn_engine.attacks.image_prior import PublicData
 
 ProgressFn = Callable[[dict[str, Any]], None]
 EvaluateFn = Callable[[Tensor], float]
@@ -108,6 +111,11 @@ class Attack(ABC):
         inputs = AttackInputs(params, target, num_classes, batch_size, image_shape, generator, progress, evaluate,
                               eval_every)  # fmt: skip
         return self._run(model, inputs)
+
+    def bind_public_data(self, public: PublicData) -> None:
+        """Where public images of the victim's domain are (a split disjoint from the attacked one), for
+        attacks with a learned prior; run_trial calls it before `reconstruct`, the others ignore it."""
+        del public
 
     @abstractmethod
     def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:

@@ -15,6 +15,9 @@ matches the shared gradient. Two presets:
     generator keeps PyTorch's default initialisation, as here.
 - `strong` (for audits): settings found by measurement (benchmarks/strength_search.py; the log and the
   numbers are in the README), see `PRESETS`.
+- `prior`: `strong` with a learned image prior in place of TV: the Gaussian of public images of the
+  victim's domain (attacks/image_prior.py), fitted on the dataset split the private batch is not drawn
+  from, and all 3000 evaluations spent on the generator.
 
 Every knob is a parameter; one given explicitly overrides the preset's value. Restarts and the choice of
 iterate use only the gradient loss, which the attacker sees, never the truth.
@@ -43,7 +46,9 @@ from grnn_engine.attacks.base import (
     squared_gradient_distance,
     total_variation,
 )
+from grnn_engine.attacks.grnn_generator import GrnnGenerator
 from grnn_engine.attacks.ig import CosineDistance
+from grnn_engine.attacks.image_prior import GaussianImagePrior, PriorSettings, PublicData, load_or_fit_prior
 from grnn_engine.attacks.soft_pool import SoftenedVictim
 from grnn_engine.errors import ConfigError
 from grnn_engine.metrics import pairwise_mse
@@ -54,6 +59,9 @@ _SMALL_MODEL_PARAMS = 100_000
 # weight was measured, its ResNet weight is the authors' (the gradient loss of a ResNet is on another
 # scale, and no ResNet measurement has been made on this CPU).
 _TV_BY_SIZE = {"paper": (1e-3, 1e-6), "strong": (0.3, 1e-6)}
+# prior_weight None: (small model, large model). LeNet's was measured; the ResNet one is LeNet's scaled as
+# strong's TV weight is (1e-6 / 0.3), unmeasured.
+_PRIOR_BY_SIZE = {"prior": (1e-2, 3e-8)}
 
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine", "step")
@@ -62,6 +70,7 @@ LABELS = ("learned", "inferred")
 SELECTS = ("last", "best")
 COMBINES = ("best", "mean")
 GENERATOR_NORMS = ("batch", "none")
+PRIORS = ("none", "gaussian")
 
 # The knob values of each preset. tv_weight None: the preset's size-dependent choice (_TV_BY_SIZE);
 # refine_tv_weight None: the TV weight the generator used.
@@ -88,6 +97,12 @@ _PAPER: dict[str, Any] = {
     "soft_pool": 0.0,
     "soft_pool_end": 1e-3,
     "soft_pool_fraction": 0.8,
+    "prior": "none",
+    "prior_weight": 0.0,
+    "refine_prior_weight": None,
+    "prior_floor": 1e-4,
+    "prior_images": 0,
+    "prior_seed": 0,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": _PAPER,
@@ -110,66 +125,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "soft_pool_end": 3e-3,
     },
 }
-
-
-class _GLU(nn.Module):
-    """Gated linear unit over channels: first half * sigmoid(second half)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = x.chunk(2, dim=1)
-        return a * torch.sigmoid(b)
-
-
-def _up_block(in_ch: int, out_ch: int, norm: str = "batch") -> nn.Sequential:
-    # Without BatchNorm the convolution needs its own bias to shift its output.
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
-        nn.Conv2d(in_ch, out_ch * 2, kernel_size=3, padding=1, bias=norm == "none"),
-        nn.BatchNorm2d(out_ch * 2) if norm == "batch" else nn.Identity(),
-        _GLU(),
-    )
-
-
-class GrnnGenerator(nn.Module):
-    """The two GRNN branches: noise (B, noise_dim) -> images (B, C, S, S) in [0, 1] and soft labels (B, K).
-
-    The image branch generates at the next power of two >= S (the architecture doubles from 4x4) and is
-    resized to S when S is not a power of two. `norm` is "batch" (the authors') or "none".
-    """
-
-    def __init__(
-        self,
-        *,
-        noise_dim: int,
-        num_classes: int,
-        image_shape: tuple[int, int, int],
-        width: int = 32,
-        norm: str = "batch",
-    ):
-        super().__init__()
-        channels, height, _ = image_shape
-        self.out_size = height
-        native = max(8, 2 ** math.ceil(math.log2(height)))
-        self.native_size = native
-        blocks = int(math.log2(native)) - 3
-        self.label_branch = nn.Linear(noise_dim, num_classes)
-        layers: list[nn.Module] = [
-            nn.Unflatten(1, (noise_dim, 1, 1)),
-            nn.ConvTranspose2d(noise_dim, width * 2**blocks * 2, kernel_size=4, stride=1, padding=0),
-            _GLU(),
-        ]
-        for b in reversed(range(blocks)):
-            layers.append(_up_block(width * 2 ** (b + 1), width * 2**b, norm))
-        layers.append(_up_block(width, channels, norm))
-        self.image_branch = nn.Sequential(*layers)
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        images = torch.sigmoid(self.image_branch(z))
-        if self.native_size != self.out_size:
-            images = nn.functional.interpolate(
-                images, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False
-            )
-        return images, torch.softmax(self.label_branch(z), dim=1)
+# `strong` with the learned Gaussian image prior (attacks/image_prior.py) in place of the TV prior.
+PRESETS["prior"] = {
+    **PRESETS["strong"],
+    "iterations": 3000,
+    "refine_iterations": 0,
+    "prior": "gaussian",
+    "prior_weight": None,
+    "tv_weight": 0.0,
+}
 
 
 def wasserstein_layer_distance(fake: Sequence[Tensor], true_sorted: Sequence[Tensor]) -> Tensor:
@@ -262,12 +226,14 @@ class _Fit:
     objective: _Loss
     tv_weight: float
     fixed_labels: Tensor | None
+    image_prior: GaussianImagePrior | None = None
+    prior_weight: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
 @ATTACKS.register("grnn")
 class GRNN(Attack):
-    """GRNN; `preset` ("paper" or "strong") sets the defaults of every other knob.
+    """GRNN; `preset` ("paper", "strong" or "prior") sets the defaults of every other knob.
 
     Parameters (None = the preset's value):
     - iterations: optimisation steps per restart; `self.iterations` is the total, iterations * restarts
@@ -290,6 +256,11 @@ class GRNN(Attack):
       the refinement fit a copy of the victim whose max-pools are softened (attacks/soft_pool.py), with a
       temperature decaying from soft_pool to soft_pool_end; the rest fits the exact victim, and only its
       iterates may be selected.
+    - prior ("none", or "gaussian": the learned prior of attacks/image_prior.py, fitted on the public split
+      that `bind_public_data` names, cached), prior_weight (None = the preset's by model size; the weight of
+      its negative log-likelihood in the generator's loss), refine_prior_weight (None = prior_weight),
+      prior_floor (variance added to every eigenvalue), prior_images (0 = the whole public split, else that
+      many drawn with prior_seed).
     """
 
     name = "grnn"
@@ -320,6 +291,12 @@ class GRNN(Attack):
         soft_pool: float | None = None,
         soft_pool_end: float | None = None,
         soft_pool_fraction: float | None = None,
+        prior: str | None = None,
+        prior_weight: float | None = None,
+        refine_prior_weight: float | None = None,
+        prior_floor: float | None = None,
+        prior_images: int | None = None,
+        prior_seed: int | None = None,
     ) -> None:
         _choice("preset", preset, tuple(PRESETS))
         given = {
@@ -329,7 +306,9 @@ class GRNN(Attack):
             "select": select, "generator_norm": generator_norm, "chroma_weight": chroma_weight,
             "combine": combine, "refine_iterations": refine_iterations, "refine_lr": refine_lr,
             "refine_tv_weight": refine_tv_weight, "soft_pool": soft_pool, "soft_pool_end": soft_pool_end,
-            "soft_pool_fraction": soft_pool_fraction,
+            "soft_pool_fraction": soft_pool_fraction, "prior": prior, "prior_weight": prior_weight,
+            "refine_prior_weight": refine_prior_weight, "prior_floor": prior_floor, "prior_images": prior_images,
+            "prior_seed": prior_seed,
         }
         knobs: dict[str, Any] = {k: (v if v is not None else PRESETS[preset][k]) for k, v in given.items()}
         _positive_int("iterations", knobs["iterations"])
@@ -344,6 +323,10 @@ class GRNN(Attack):
         _choice("select", knobs["select"], SELECTS)
         _choice("generator_norm", knobs["generator_norm"], GENERATOR_NORMS)
         _choice("combine", knobs["combine"], COMBINES)
+        _choice("prior", knobs["prior"], PRIORS)
+        _number("prior_floor", knobs["prior_floor"], positive=True)
+        _positive_int("prior_images", knobs["prior_images"], minimum=0)
+        _positive_int("prior_seed", knobs["prior_seed"], minimum=0)
         _number("lr", knobs["lr"], positive=True)
         _number("refine_lr", knobs["refine_lr"], positive=True)
         _number("cosine_weight", knobs["cosine_weight"], positive=False)
@@ -352,7 +335,7 @@ class GRNN(Attack):
         f = knobs["soft_pool_fraction"]
         if not (isinstance(f, int | float) and not isinstance(f, bool) and 0 < f < 1):
             raise ConfigError(f"grnn soft_pool_fraction must be a number in (0, 1) (got {f!r})")
-        for optional in ("tv_weight", "chroma_weight", "refine_tv_weight"):
+        for optional in ("tv_weight", "chroma_weight", "refine_tv_weight", "prior_weight", "refine_prior_weight"):
             if knobs[optional] is not None:
                 _number(optional, knobs[optional], positive=False)
         m = knobs["momentum"]
@@ -382,7 +365,20 @@ class GRNN(Attack):
         self.soft_pool: float = knobs["soft_pool"]
         self.soft_pool_end: float = knobs["soft_pool_end"]
         self.soft_pool_fraction: float = knobs["soft_pool_fraction"]
+        self.prior: str = knobs["prior"]
+        self.prior_weight: float | None = knobs["prior_weight"]
+        self.refine_prior_weight: float | None = knobs["refine_prior_weight"]
+        self.prior_floor: float = knobs["prior_floor"]
+        if self.prior != "none" and self.prior_weight == 0 and not self.refine_prior_weight:
+            raise ConfigError(f"grnn prior '{self.prior}' needs prior_weight > 0 or refine_prior_weight > 0")
+        self.prior_images: int = knobs["prior_images"]
+        self.prior_seed: int = knobs["prior_seed"]
+        self.prior_settings = PriorSettings(images=self.prior_images, seed=self.prior_seed)
+        self.public_data: PublicData | None = None
         self.iterations = self.steps_per_restart * self.restarts + self.refine_iterations
+
+    def bind_public_data(self, public: PublicData) -> None:
+        self.public_data = public
 
     def _tv_weight(self, params: Sequence[Tensor]) -> float:
         if self.tv_weight is not None:
@@ -390,10 +386,34 @@ class GRNN(Attack):
         small, large = _TV_BY_SIZE[self.preset]
         return small if sum(p.numel() for p in params) <= _SMALL_MODEL_PARAMS else large
 
+    def _prior_weight(self, params: Sequence[Tensor]) -> float:
+        if self.prior_weight is not None:
+            return self.prior_weight
+        small, large = _PRIOR_BY_SIZE[self.preset]
+        return small if sum(p.numel() for p in params) <= _SMALL_MODEL_PARAMS else large
+
     def _tv(self, images: Tensor) -> Tensor:
         if self.chroma_weight is None:
             return total_variation(images)
         return colour_total_variation(images, self.chroma_weight)
+
+    def _image_prior(self, inputs: AttackInputs) -> GaussianImagePrior | None:
+        """The learned prior (fitted on the public split, or from the cache), on the victim's device and dtype."""
+        if self.prior == "none":
+            return None
+        if self.public_data is None:
+            raise ConfigError(f"grnn prior '{self.prior}' needs public images of the victim's domain: run it "
+                              "through run_trial, or call bind_public_data first")
+        if self.public_data.image_size != inputs.image_shape[1]:
+            raise ConfigError(f"grnn prior: public images of size {self.public_data.image_size} do not match the "
+                              f"attacked images of size {inputs.image_shape[1]}")
+        param = inputs.params[0]
+        return load_or_fit_prior(self.public_data, self.prior_settings).to(param.device, param.dtype)
+
+    def _prior_term(self, fit: _Fit, images: Tensor, weight: float) -> Tensor | float:
+        if fit.image_prior is None or weight == 0:
+            return 0.0
+        return weight * fit.image_prior.penalty(images, self.prior_floor)
 
     def _optimizer(self, weights: Sequence[Tensor], lr: float) -> tuple[torch.optim.Optimizer, Any]:
         steps = self.steps_per_restart
@@ -421,7 +441,8 @@ class GRNN(Attack):
         victim = SoftenedVictim(model, inputs.params, start=self.soft_pool, end=self.soft_pool_end,
                                 fraction=self.soft_pool_fraction)
         fit = _Fit(inputs, victim, _Loss(inputs.target, self.distance, self.cosine_weight),
-                   self._tv_weight(inputs.params), fixed_labels)
+                   self._tv_weight(inputs.params), fixed_labels, self._image_prior(inputs),
+                   self._prior_weight(inputs.params))
         runs = [self._one_restart(fit, restart) for restart in range(self.restarts)]
         # NaN never compares lower, so a diverged restart only wins when every restart diverged.
         best = min(range(len(runs)), key=lambda r: runs[r][2] if math.isfinite(runs[r][2]) else math.inf)
@@ -474,7 +495,7 @@ class GRNN(Attack):
             targets = fixed_labels if fixed_labels is not None else soft_labels
             fake = torch.autograd.grad(soft_cross_entropy(model(images), targets), params, create_graph=True)
             matching, squared = fit.objective(fake)
-            loss = matching + fit.tv_weight * self._tv(images)
+            loss = matching + fit.tv_weight * self._tv(images) + self._prior_term(fit, images, fit.prior_weight)
             if keep is not None and temperature is None:
                 keep.offer(squared, images, soft_labels)
             for w, g in zip(weights, torch.autograd.grad(loss, weights), strict=True):
@@ -511,6 +532,7 @@ class GRNN(Attack):
         # gradient barely constrains, which measured as noise (-1 to -2 dB) here.
         optimizer = torch.optim.SGD([x], lr=self.refine_lr, momentum=0.9)
         refine_tv = self.refine_tv_weight if self.refine_tv_weight is not None else fit.tv_weight
+        refine_prior = self.refine_prior_weight if self.refine_prior_weight is not None else fit.prior_weight
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=self.refine_lr / 100)
         keep = BestIterate(x)
         offset = self.steps_per_restart * self.restarts
@@ -518,7 +540,7 @@ class GRNN(Attack):
             model, params, temperature = fit.victim.at(it, steps)
             fake = torch.autograd.grad(soft_cross_entropy(model(x), labels), params, create_graph=True)
             matching, squared = fit.objective(fake)
-            loss = matching + refine_tv * self._tv(x)
+            loss = matching + refine_tv * self._tv(x) + self._prior_term(fit, x, refine_prior)
             (x.grad,) = torch.autograd.grad(loss, [x])
             if temperature is None:
                 keep.offer(squared, x)

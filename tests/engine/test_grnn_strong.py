@@ -26,7 +26,9 @@ KNOBS = {  # preset key -> attribute of the attack that holds it
     "select": "select", "generator_norm": "generator_norm", "chroma_weight": "chroma_weight",
     "combine": "combine", "refine_iterations": "refine_iterations", "refine_lr": "refine_lr",
     "refine_tv_weight": "refine_tv_weight", "soft_pool": "soft_pool", "soft_pool_end": "soft_pool_end",
-    "soft_pool_fraction": "soft_pool_fraction",
+    "soft_pool_fraction": "soft_pool_fraction", "prior": "prior", "prior_weight": "prior_weight",
+    "refine_prior_weight": "refine_prior_weight", "prior_floor": "prior_floor", "prior_images": "prior_images",
+    "prior_seed": "prior_seed",
 }
 
 
@@ -66,7 +68,7 @@ def test_explicit_knobs_override_the_preset() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"preset": "strongest"}, "grnn preset must be one of paper, strong .got 'strongest'"),
+        ({"preset": "strongest"}, "grnn preset must be one of paper, strong, prior .got 'strongest'"),
         ({"optimizer": "sgd"}, "optimizer must be one of rmsprop, adam"),
         ({"restarts": 0}, "restarts must be an integer >= 1"),
         ({"combine": "max"}, "combine must be one of best, mean"),
