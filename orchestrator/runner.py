@@ -8,7 +8,10 @@ comes into play when a worker process dies.
 
 Training stages: before any trial runs, `prepare_stages` trains every FedAvg chain the trials need
 (`grnn_engine.fl.stage_requests`), each chain once, as parallel Ray tasks with the trials' resources, into
-the content-addressed stage cache (on one machine it survives between sweeps). Each task returns its
+the content-addressed stage cache (on one machine it survives between sweeps). A chain that trials only need
+at round 0 (the untrained, seeded model) gets no task: each such trial builds it and measures its accuracy
+itself (`round_zero_stage`), which costs a fraction of a second, where a task costs a worker's start-up
+before the first trial may start. Each task returns its
 stages as objects in Ray's object store and the driver keeps its own copy of each (so a lost worker node
 takes none with it); a trial fetches its own (`StagePlan`), so trials on other nodes need no shared disk, and
 falls back to the cache when the fetch fails. A chain that fails gives every trial that needs it a FAILED
@@ -47,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray import tune
@@ -57,8 +60,10 @@ from ray.tune.search import Searcher
 from grnn_engine import TrialResult, TrialSpec, run_trial
 from grnn_engine.errors import ConfigError
 from orchestrator.progress import Progress, SweepStats, SweepSummary
-from orchestrator.results import Ledger
-from orchestrator.spec import Asha, OptunaSearch, SearchParam, Study
+
+if TYPE_CHECKING:  # the workers import this module for its trainable: no pandas, pyarrow or pydantic there
+    from orchestrator.results import Ledger
+    from orchestrator.spec import Asha, OptunaSearch, SearchParam, Study
 
 TUNE_DIR = ".tune"  # where earlier versions kept Tune's experiment folder, inside the results (removed)
 STAGES_DIR = ".stages"  # the stage cache under a results root (unless $GRNN_CACHE_DIR says otherwise)
@@ -76,6 +81,10 @@ _QUIET_ENV = {
 }
 # Only these reach the workers of a cluster (embedded workers inherit the driver's environment).
 _WORKER_ENV = ("RAY_CHDIR_TO_TRIAL_DIR", "GRNN_DATA_ROOT", "GRNN_CACHE_DIR")
+# What an embedded Ray's workers import as they start, before any work reaches them: torch, the engine and Tune's
+# function trainable take seconds to import, and Ray starts as many workers as there are CPUs with the first
+# driver, so the trials' actors (which take those workers) start warm instead of importing after Tune asked.
+WORKER_PRELOAD = ("orchestrator.runner",)
 
 
 def _project_root() -> str:
@@ -87,8 +96,9 @@ def start_ray(
 ) -> bool:
     """Start (or connect to) Ray quietly; returns True when this call started it (then shut it down).
 
-    Embedded by default: `num_cpus` (default all cores), no dashboard. With `address` (or RAY_ADDRESS
-    set, as inside a submitted Ray job) it connects to that cluster instead.
+    Embedded by default: `num_cpus` (default all cores), no dashboard, workers that import the trial code
+    as they start (WORKER_PRELOAD; ray.init does not wait for them). With `address` (or RAY_ADDRESS set, as
+    inside a submitted Ray job) it connects to that cluster instead.
     """
     os.environ.update(_QUIET_ENV)
     if ray.is_initialized():
@@ -104,7 +114,8 @@ def start_ray(
         if root not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
         ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp_dir, **common
+            num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp_dir,
+            _system_config={"preload_python_modules": list(WORKER_PRELOAD)}, **common,
         )
     return True
 
@@ -409,7 +420,7 @@ class StagePlan:
     refs: "<chain key>:<round>" -> object ref of the stage dict (state_dict, model_acc, ...), driver-owned;
     accuracy: the same ids -> the stage's test accuracy (utility lookups need no fetch); errors: chain key
     -> (exception type, message) of a chain that failed; trained/cached: chain keys that were trained now /
-    found complete in the cache (a round-0-only chain that was not cached is in neither: nothing to train).
+    found complete in the cache (a chain needed at round 0 only has no task: its trials build the stage).
     """
 
     cache_dir: str | None = None
@@ -429,11 +440,12 @@ class StagePlan:
         from grnn_engine.fl import chain_key
 
         error = self.errors.get(chain_key(spec))
-        if error is None or not self._needs_training(spec):
+        if error is None or not self.needs_training(spec):
             return None
         return error[0], f"FL training stage failed: {error[1]}"[:2000]
 
-    def _needs_training(self, spec: TrialSpec) -> bool:
+    def needs_training(self, spec: TrialSpec) -> bool:
+        """Whether the trial cannot run without its chain's stage (a trained round, or utility under its defense)."""
         return spec.fl_round > 0 or (self.utility_round is not None and "defense" in spec.fl)
 
     def load(self, spec: TrialSpec) -> StageContext:
@@ -447,11 +459,11 @@ class StagePlan:
         chain = fl.chain_key(spec)
         ref = self.refs.get(_stage_id(chain, spec.fl_round))
         stage = _fetch_stage(ref) if ref is not None else None
-        if stage is None and self._needs_training(spec):
+        if stage is None and self.needs_training(spec):
             stage = fl.stage_for_trial(spec, self.cache_dir)
         elif stage is None and chain not in self.errors:
             try:  # round 0 only measures the untrained model's accuracy: nice to have, never fatal
-                stage = fl.stage_for_trial(spec, self.cache_dir)
+                stage = round_zero_stage(spec, self.cache_dir)
             except Exception:  # noqa: BLE001  (the trial runs on the model run_trial builds)
                 stage = None
         utility = None
@@ -461,6 +473,29 @@ class StagePlan:
                 at = dataclasses.replace(spec, fl_round=self.utility_round)
                 utility = float(fl.stage_for_trial(at, self.cache_dir)["model_acc"])
         return StageContext(stage=stage, utility_acc=utility)
+
+
+# The test split last decoded in this worker process (data identity -> ImageSet, whose images decode once):
+# the round-0 trials of one dataset that a reused worker runs one after another share it.
+_test_split: dict[tuple[str, str | None, int], Any] = {}
+
+
+def round_zero_stage(spec: TrialSpec, cache_dir: str | None) -> dict[str, Any]:
+    """The round-0 stage of `spec` (its untrained, seeded model and that model's test accuracy), from the cache
+    or built and measured now in this process, on the trial's device, and cached (as fl.stage_for_trial)."""
+    from grnn_engine import fl, load_dataset
+    from grnn_engine.trial import resolve_device
+
+    (request,) = fl.stage_requests([dataclasses.replace(spec, fl_round=0)])
+    device = resolve_device(spec.device)
+    if request.cached(cache_dir):
+        return request.train(cache_dir=cache_dir, device=device)[0]
+    identity = request.data_identity()
+    if identity not in _test_split:
+        _test_split.clear()  # one split at a time: CIFAR-10's test images are 120 MB decoded
+        _test_split[identity] = load_dataset(spec.dataset, root=spec.data_root, split="test",
+                                             image_size=spec.image_size)  # fmt: skip
+    return request.train(cache_dir=cache_dir, device=device, test_set=_test_split[identity])[0]
 
 
 def _fetch_stage(ref: Any) -> dict[str, Any] | None:
@@ -542,7 +577,8 @@ def prepare_stages(
 ) -> StagePlan:
     """Train every FedAvg chain `cells` need, each once, as parallel Ray tasks; wait for all of them.
 
-    Round-0 cells are included: their stage is the untrained model with its test accuracy. With
+    A chain that the cells need at round 0 only gets no task: its stage is the untrained, seeded model with its
+    test accuracy, which each trial builds itself (round_zero_stage, from the cache when it is there). With
     `utility_round`, cells trained under their defense (TrialSpec.fl["defense"]) also need that round.
     Invalid FL settings raise ConfigError before anything runs; a chain that fails is recorded in
     `errors`, never raised.
@@ -553,7 +589,11 @@ def prepare_stages(
     specs = list(cells)
     if utility_round is not None:
         specs += [dataclasses.replace(c, fl_round=utility_round) for c in cells if "defense" in c.fl]
-    requests = fl.stage_requests(specs)
+    requests = fl.stage_requests(specs)  # raises ConfigError for invalid FL settings, before anything runs
+    # A chain needed at round 0 only by trials that can do without it is built by those trials themselves
+    # (StagePlan.load -> round_zero_stage): no task, no worker to start before the first trial.
+    needed = {fl.chain_key(c) for c in cells if plan.needs_training(c)}
+    requests = [r for r in requests if r.rounds != (0,) or r.key() in needed]
     if not requests:
         return plan
     start = time.monotonic()
@@ -599,11 +639,9 @@ def prepare_stages(
             for r, acc in summary["accuracy"].items():
                 plan.accuracy[_stage_id(chain, r)] = acc
     if log:
-        untrained = len(requests) - len(plan.trained) - len(plan.cached) - len(plan.errors)
         log(
             f"FL stages ready in {time.monotonic() - start:.1f} s: {len(plan.trained)} chains trained, "
             f"{len(plan.cached)} from the cache, {len(plan.errors)} failed"
-            + (f", {untrained} at round 0 only (nothing to train)" if untrained else "")
         )
         for chain, (kind, message) in list(plan.errors.items())[:3]:
             log(f"  chain {chain[:8]} failed: {kind}: {message}")
@@ -1164,7 +1202,7 @@ def _summary(options: RunOptions, ledger: Ledger, cells: int, stats: SweepStats,
     return SweepSummary(
         name=options.name, cells=cells, ran=stats.done, complete=stats.complete, failed=stats.failed,
         timeout=stats.timeout, wall_s=wall, trial_wall_s=stats.trial_wall_s, slots=slots,
-        results_path=str(ledger.trials_path),
+        results_path=str(ledger.trials_path), first_trial_s=stats.first_trial_s,
     )  # fmt: skip
 
 

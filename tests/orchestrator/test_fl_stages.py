@@ -96,19 +96,28 @@ def test_a_chain_that_cannot_train_fails_its_cells_and_the_sweep_goes_on(
     assert (df["error_type"] == "DataError").all()
 
 
-def test_untrained_chains_share_one_task_and_every_stage_reaches_the_plan(
+def test_untrained_chains_need_no_task_and_every_trial_gets_its_stage(
     tmp_path: Path, ray_session: None
 ) -> None:
     untrained = [TrialSpec(dataset="digits", victim=v, seed=s) for v in ("lenet", "lenet_zhu") for s in (0, 1)]
     trained = TrialSpec(dataset="digits", victim="lenet", seed=0, fl_round=2, fl=FAST_FL)
     requests = fl.stage_requests([*untrained, trained])
-    # the untrained models are dealt to as many tasks as there are slots, each decoding digits once
+    # untrained chains that do need a task (utility at round 0) are dealt to as many tasks as there are slots
     assert [len(g) for g in runner._task_groups(requests, parallel=1)] == [1, 4]
     assert [[r.seed for r in g] for g in runner._task_groups(requests, parallel=2)] == [[0], [0, 0], [1, 1]]
     assert [len(g) for g in runner._task_groups(requests, parallel=8)] == [1, 1, 1, 1, 1]
     plan = runner.prepare_stages([*untrained, trained], cache_dir=str(tmp_path))
-    assert plan.errors == {} and plan.trained == [fl.chain_key(trained)] and len(plan.refs) == 5
-    for spec in [*untrained, trained]:
-        expected = fl.stage_for_trial(spec, tmp_path)  # from the cache the task wrote
-        assert plan.load(spec).stage["model_acc"] == expected["model_acc"]
-        assert plan.accuracy[runner._stage_id(fl.chain_key(spec), spec.fl_round)] == expected["model_acc"]
+    # only the chain with a trained round became a task; the untrained ones are the trials' own to build
+    assert plan.errors == {} and plan.trained == [fl.chain_key(trained)] and len(plan.refs) == 1
+    cache = tmp_path / "trial-built"
+    for spec in untrained:  # what a trial builds equals what fl trains (and caches) for that chain
+        expected = fl.train_chain(spec.dataset, spec.victim, {}, spec.image_size, {}, spec.seed, [0],
+                                  cache_dir=tmp_path / "reference")[0]  # fmt: skip
+        built = runner.StagePlan(cache_dir=str(cache)).load(spec).stage
+        assert built is not None and built["model_acc"] == expected["model_acc"]
+        for name, tensor in expected["state_dict"].items():
+            assert (built["state_dict"][name] == tensor).all(), name
+    assert len(list(cache.glob("*.pt"))) == len(untrained)  # and cached: the next trial of the chain loads it
+    expected = fl.stage_for_trial(trained, tmp_path)  # from the cache the task wrote
+    assert plan.load(trained).stage["model_acc"] == expected["model_acc"]
+    assert plan.accuracy[runner._stage_id(fl.chain_key(trained), trained.fl_round)] == expected["model_acc"]
