@@ -128,7 +128,7 @@ def round_zero_stage(spec: TrialSpec, cache_dir: str | None) -> dict[str, Any]:
     """The round-0 stage of `spec` (its untrained, seeded model and that model's test accuracy), from the cache
     or built and measured now in this process, on the trial's device, and cached (as fl.stage_for_trial)."""
     from grnn_engine import fl, load_dataset
-    from grnn_engine.trial import resolve_device
+    from grnn_engine.devices import resolve_device
 
     (request,) = fl.stage_requests([dataclasses.replace(spec, fl_round=0)])
     device = resolve_device(spec.device)
