@@ -2,10 +2,10 @@
 
 The sweep: digits, lenet, GRNN (paper loop), B = 1, `--cells` seeds, `--iterations` iterations per trial
 (a few seconds each). Phases (`--phases`, all by default):
-- ray1, ray2: the runner (orchestrator.runner.run_cells, as `python -m orchestrator.sweep` drives it) on an
+- ray1, ray2: the runner (orchestrator.running.tune_run.run_cells, as `python -m orchestrator.sweep` drives it) on an
   embedded Ray with 1 and 2 CPUs, one CPU per trial;
 - ray2pack: the same as ray2 with `pack: N` (`--pack`, default 3): N cells per Ray trial, run together by
-  grnn_engine.batched (orchestrator.packing); trials per hour still count cells;
+  grnn_engine.batched (orchestrator.running.packing); trials per hour still count cells;
 - cluster: the same on a ray.cluster_utils.Cluster of 2 worker nodes x 1 CPU (head with 0 CPUs);
 - mp: a plain multiprocessing pool of 2 processes calling run_trial, the floor any scheduler is held to;
 - batched: in this process, 1 thread, trials per hour of run_trial one by one against
@@ -33,7 +33,6 @@ Usage: python benchmarks/sweep.py [--cells 6] [--iterations 100] [--pack 3]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import io
 import json
@@ -43,7 +42,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,34 +82,26 @@ def load() -> str:
 # --- Ray phases -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def timed_ledger() -> Iterator[dict[str, dict[str, float]]]:
-    """Times every trial as the driver sees it, by wrapping the runner's ledger callback (instrumentation only).
+def trial_timer() -> tuple[Any, dict[str, dict[str, float]]]:
+    """A Tune callback that times every trial as the driver sees it (instrumentation only), handed to run_cells.
 
-    Yields {trial_key: {"start", "end", "engine_s"}}, filled while run_cells runs.
+    Returns (callback, {trial_key: {"start", "end", "engine_s"}}), the dict filled while run_cells runs.
     """
-    from orchestrator import runner
+    from ray import tune
 
     times: dict[str, dict[str, float]] = {}
-    original = runner.LedgerCallback
 
-    class TimedLedger(original):  # type: ignore[misc, valid-type]
+    class TrialTimer(tune.Callback):
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             times.setdefault(trial.config["trial_key"], {})["start"] = time.monotonic()
-            super().on_trial_start(iteration, trials, trial, **info)
 
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
             if result.get("final"):
                 entry = times.setdefault(trial.config["trial_key"], {})
                 entry["end"] = time.monotonic()
                 entry["engine_s"] = float(result.get("wall_s") or 0.0)
-            super().on_trial_result(iteration, trials, trial, result, **info)
 
-    runner.LedgerCallback = TimedLedger  # type: ignore[misc]
-    try:
-        yield times
-    finally:
-        runner.LedgerCallback = original  # type: ignore[misc]
+    return TrialTimer(), times
 
 
 def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | None = None,
@@ -123,8 +113,10 @@ def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | 
     """
     import ray
 
-    from orchestrator import runner
     from orchestrator.results import Ledger
+    from orchestrator.running.options import RunOptions
+    from orchestrator.running.ray_start import start_ray
+    from orchestrator.running.tune_run import run_cells
 
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's Unix socket paths are limited
     os.environ["RAY_TMPDIR"] = ray_tmp
@@ -139,19 +131,17 @@ def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | 
             for _ in range(cluster_nodes):
                 cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
-            runner.start_ray(address=cluster.address)
+            start_ray(address=cluster.address)
         else:
-            runner.start_ray(num_cpus=num_cpus, temp_dir=ray_tmp)
+            start_ray(num_cpus=num_cpus, temp_dir=ray_tmp)
         ray_start_s = time.monotonic() - t0
         ledger = Ledger(work / name, sweep=name)
-        options = runner.RunOptions(name=name, cpu=1.0, pack=pack)
-        if hasattr(options, "cache_dir"):
-            # A fresh stage cache per phase: every phase prepares the same stages, none inherits another's.
-            options.cache_dir = str(work / f"{name}-stages")
-        with timed_ledger() as times:
-            call = time.monotonic()
-            summary = runner.run_cells(cells, ledger, options, progress_stream=io.StringIO(), live=False)
-            wall = time.monotonic() - call
+        # A fresh stage cache per phase: every phase prepares the same stages, none inherits another's.
+        options = RunOptions(name=name, cpu=1.0, pack=pack, cache_dir=str(work / f"{name}-stages"))
+        timer, times = trial_timer()
+        call = time.monotonic()
+        summary = run_cells(cells, ledger, options, progress_stream=io.StringIO(), live=False, callbacks=[timer])
+        wall = time.monotonic() - call
     finally:
         ray.shutdown()
         if cluster is not None:

@@ -8,6 +8,7 @@ carriage-return redraws turn into thousands of lines there.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,18 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (the command the user typed), from /proc; None where there is none."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces: fields after it
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class SweepStats:
     """Counts of this run's trials, kept by the driver as results arrive."""
@@ -32,6 +45,7 @@ class SweepStats:
     running: set[str] = field(default_factory=set)
     psnrs: list[float] = field(default_factory=list)
     trial_wall_s: float = 0.0
+    first_trial_s: float | None = None  # seconds from the command's start to its first trial's start
 
     @property
     def done(self) -> int:
@@ -92,6 +106,8 @@ class Progress:
             self._bar.set_postfix_str(self._counts(), refresh=True)
 
     def started(self, key: str) -> None:
+        if self.stats.first_trial_s is None:
+            self.stats.first_trial_s = process_age_s()
         self.stats.running.add(key)
         self._refresh()
 
@@ -131,6 +147,7 @@ class SweepSummary:
     trial_wall_s: float
     slots: int
     results_path: str = ""
+    first_trial_s: float | None = None  # from the command's start to its first trial's start (see SweepStats)
 
     @property
     def efficiency(self) -> float | None:
@@ -145,6 +162,8 @@ class SweepSummary:
             f"({self.complete} complete, {self.failed} failed, {self.timeout} timeout); "
             f"{self.cells} cells in the spec"
         ]
+        if self.first_trial_s is not None:
+            lines.append(f"first trial running {self.first_trial_s:.1f} s after the command started")
         eff = self.efficiency
         if eff is not None:
             lines.append(

@@ -298,30 +298,35 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     if embedded:
         check_local_resources(spec.resources.cpu, spec.resources.gpu)
 
-    # Imported here: Ray (and Tune) take seconds to import, and nothing above needs them.
-    from orchestrator import runner
-
-    options = runner.RunOptions(
-        name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,
-        max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
-        max_failures=spec.max_failures, cache_dir=runner.stage_cache_dir(results_root(args.results)),
-        utility_round=spec.utility_at, scheduler=spec.scheduler, retry_failed=args.retry_failed,
-        pack=spec.pack,
-    )
     what = "trials" if searching else "cells"
     print(f"sweep '{spec.name}': {left} of {trials} {what} to run "
           f"({trials - left} already have results)", flush=True)
-    started = runner.start_ray(args.address)
+    # Ray first, and only then Tune and the rest of the runner (seconds of imports, which nothing above
+    # needs): the embedded Ray's workers import the trial code while this process imports Tune.
+    from orchestrator.running import ray_start
+
+    started = ray_start.start_ray(args.address)
     try:
+        from orchestrator.running import tune_run
+        from orchestrator.running.options import RunOptions
+        from orchestrator.running.stages import stage_cache_dir
+
+        options = RunOptions(
+            name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,
+            max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
+            max_failures=spec.max_failures, cache_dir=stage_cache_dir(results_root(args.results)),
+            utility_round=spec.utility_at, scheduler=spec.scheduler, retry_failed=args.retry_failed,
+            pack=spec.pack,
+        )  # fmt: skip
         if isinstance(spec.search, OptunaSearch):
-            summary = runner.run_search(
+            summary = tune_run.run_search(
                 spec.studies(), spec.search, spec.success_psnr, ledger, options, strict_resources=embedded
             )
         else:
-            summary = runner.run_cells(todo, ledger, options, strict_resources=embedded)
+            summary = tune_run.run_cells(todo, ledger, options, strict_resources=embedded)
     finally:
         ledger.close_run(started_ns)
-        runner.stop_ray(started)
+        ray_start.stop_ray(started)
     summary.cells = trials
     print(summary.format())
     return summary

@@ -69,7 +69,7 @@ def ray_session(ray_temp_dir: str) -> Iterator[None]:
     """Embedded Ray with 2 CPUs, started once through the runner's own start-up (quiet settings)."""
     import ray
 
-    from orchestrator.runner import start_ray
+    from orchestrator.running.ray_start import start_ray
 
     started = start_ray(num_cpus=2, temp_dir=ray_temp_dir)
     yield

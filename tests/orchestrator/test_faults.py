@@ -359,7 +359,7 @@ def test_the_watchdog_raises_after_an_import_not_inside_it(
 ) -> None:
     # The deadline passes while this thread imports a module that is busy in Python bytecode: the timeout
     # must land after the import, which completes, not inside it (that would leave it half-imported).
-    from orchestrator.runner import TrialTimeout, Watchdog
+    from orchestrator.running.watchdog import TrialTimeout, Watchdog
 
     name = f"grnn_wd_slow_{os.getpid()}"
     (tmp_path / f"{name}.py").write_text(
@@ -395,13 +395,13 @@ def test_a_stage_object_that_cannot_be_fetched_is_loaded_from_the_cache(
     import torch
 
     from grnn_engine import fl
-    from orchestrator import runner
+    from orchestrator.running.stages import prepare_stages
     from orchestrator.spec import load_spec
 
     fast_fl = {"clients": 2, "local_epochs": 1, "local_batch_size": 128, "local_lr": 1.0}
     spec = make_spec(tmp_path / "s.yaml", name="stage", fl=fast_fl, grid={"fl_round": [1], "seed": [0]})
     cell = load_spec(spec).cells()[0]
-    plan = runner.prepare_stages([cell], cache_dir=str(tmp_path / "cache"))
+    plan = prepare_stages([cell], cache_dir=str(tmp_path / "cache"))
     assert len(plan.refs) == 1 and not plan.errors
     fetched = plan.load(cell).stage
     assert fetched is not None
@@ -425,10 +425,10 @@ def test_a_stage_object_that_cannot_be_fetched_is_loaded_from_the_cache(
 def test_read_only_results_folder_is_refused_before_ray_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], make_spec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator import runner
+    from orchestrator.running import ray_start
 
     started: list[Any] = []
-    monkeypatch.setattr(runner, "start_ray", lambda *a, **k: started.append(a) or False)
+    monkeypatch.setattr(ray_start, "start_ray", lambda *a, **k: started.append(a) or False)
     spec = make_spec(tmp_path / "s.yaml", name="ro")
     if os.geteuid() == 0:
         root = Path("/proc/grnn-results")  # root ignores file modes: /proc takes no new folders from anyone
@@ -451,10 +451,10 @@ def test_read_only_results_folder_is_refused_before_ray_starts(
 def test_full_disk_is_refused_before_ray_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], make_spec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator import runner
+    from orchestrator.running import ray_start
 
     started: list[Any] = []
-    monkeypatch.setattr(runner, "start_ray", lambda *a, **k: started.append(a) or False)
+    monkeypatch.setattr(ray_start, "start_ray", lambda *a, **k: started.append(a) or False)
     real = shutil.disk_usage
 
     def nearly_full(path: Any) -> Any:  # what statvfs says of a disk with 5 MiB left
@@ -584,8 +584,11 @@ NODE_LOSS = """
 import os, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
-from orchestrator import runner
 from orchestrator.results import Ledger
+from orchestrator.running.options import RunOptions
+from orchestrator.running.ray_start import start_ray
+from orchestrator.running.stages import stage_cache_dir
+from orchestrator.running.tune_run import run_cells
 from orchestrator.spec import load_spec
 
 spec_path, folder, log = sys.argv[1], sys.argv[2], os.environ["GRNN_FAULTS_TRIAL_LOG"]
@@ -595,10 +598,10 @@ cluster = Cluster(initialize_head=True, head_node_args={
 })
 workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
-runner.start_ray(address=cluster.address)
+start_ray(address=cluster.address)
 spec = load_spec(spec_path)
-options = runner.RunOptions(name=spec.name, cpu=1, max_failures=3, trial_timeout_s=300,
-                            cache_dir=runner.stage_cache_dir(os.path.dirname(folder)))
+options = RunOptions(name=spec.name, cpu=1, max_failures=3, trial_timeout_s=300,
+                     cache_dir=stage_cache_dir(os.path.dirname(folder)))
 lost = []
 
 def lose_a_node():
@@ -612,7 +615,7 @@ def lose_a_node():
     lost.append(time.time())
 
 threading.Thread(target=lose_a_node, daemon=True).start()
-summary = runner.run_cells(spec.cells(), Ledger(folder, sweep=spec.name), options, strict_resources=False)
+summary = run_cells(spec.cells(), Ledger(folder, sweep=spec.name), options, strict_resources=False)
 Ledger(folder).compact()
 print("node lost:", bool(lost), "ran:", summary.ran)
 ray.shutdown()

@@ -16,8 +16,9 @@ import pytest
 
 from grnn_engine import fl
 from grnn_engine.trial_spec import TrialSpec
-from orchestrator import runner, sweep
+from orchestrator import sweep
 from orchestrator.results import load
+from orchestrator.running.stages import STAGES_DIR, StagePlan, prepare_stages, stage_id, task_groups
 from orchestrator.spec import load_spec
 
 # Large local batches and a large step: 20 rounds of digits train in seconds and reach ~0.97 accuracy.
@@ -59,7 +60,7 @@ def test_every_chain_is_trained_once_and_then_cached(stages_sweep: dict) -> None
     # 2 chains (one per defense, as utility trains under it), each trained by one task for all its rounds
     assert "FL stages: 2 chains (6 stages)" in stages_sweep["out"]
     assert "2 chains trained, 0 from the cache, 0 failed" in stages_sweep["out"]
-    cache = stages_sweep["results"] / runner.STAGES_DIR
+    cache = stages_sweep["results"] / STAGES_DIR
     assert len(list(cache.glob("*.pt"))) == 6  # one file per stage: rounds 0, 5, 20 of each chain
     # the next sweep on this machine finds them all: loading trains nothing
     before = fl.chains_trained
@@ -96,19 +97,28 @@ def test_a_chain_that_cannot_train_fails_its_cells_and_the_sweep_goes_on(
     assert (df["error_type"] == "DataError").all()
 
 
-def test_untrained_chains_share_one_task_and_every_stage_reaches_the_plan(
+def test_untrained_chains_need_no_task_and_every_trial_gets_its_stage(
     tmp_path: Path, ray_session: None
 ) -> None:
     untrained = [TrialSpec(dataset="digits", victim=v, seed=s) for v in ("lenet", "lenet_zhu") for s in (0, 1)]
     trained = TrialSpec(dataset="digits", victim="lenet", seed=0, fl_round=2, fl=FAST_FL)
     requests = fl.stage_requests([*untrained, trained])
-    # the untrained models are dealt to as many tasks as there are slots, each decoding digits once
-    assert [len(g) for g in runner._task_groups(requests, parallel=1)] == [1, 4]
-    assert [[r.seed for r in g] for g in runner._task_groups(requests, parallel=2)] == [[0], [0, 0], [1, 1]]
-    assert [len(g) for g in runner._task_groups(requests, parallel=8)] == [1, 1, 1, 1, 1]
-    plan = runner.prepare_stages([*untrained, trained], cache_dir=str(tmp_path))
-    assert plan.errors == {} and plan.trained == [fl.chain_key(trained)] and len(plan.refs) == 5
-    for spec in [*untrained, trained]:
-        expected = fl.stage_for_trial(spec, tmp_path)  # from the cache the task wrote
-        assert plan.load(spec).stage["model_acc"] == expected["model_acc"]
-        assert plan.accuracy[runner._stage_id(fl.chain_key(spec), spec.fl_round)] == expected["model_acc"]
+    # untrained chains that do need a task (utility at round 0) are dealt to as many tasks as there are slots
+    assert [len(g) for g in task_groups(requests, parallel=1)] == [1, 4]
+    assert [[r.seed for r in g] for g in task_groups(requests, parallel=2)] == [[0], [0, 0], [1, 1]]
+    assert [len(g) for g in task_groups(requests, parallel=8)] == [1, 1, 1, 1, 1]
+    plan = prepare_stages([*untrained, trained], cache_dir=str(tmp_path))
+    # only the chain with a trained round became a task; the untrained ones are the trials' own to build
+    assert plan.errors == {} and plan.trained == [fl.chain_key(trained)] and len(plan.refs) == 1
+    cache = tmp_path / "trial-built"
+    for spec in untrained:  # what a trial builds equals what fl trains (and caches) for that chain
+        expected = fl.train_chain(spec.dataset, spec.victim, {}, spec.image_size, {}, spec.seed, [0],
+                                  cache_dir=tmp_path / "reference")[0]  # fmt: skip
+        built = StagePlan(cache_dir=str(cache)).load(spec).stage
+        assert built is not None and built["model_acc"] == expected["model_acc"]
+        for name, tensor in expected["state_dict"].items():
+            assert (built["state_dict"][name] == tensor).all(), name
+    assert len(list(cache.glob("*.pt"))) == len(untrained)  # and cached: the next trial of the chain loads it
+    expected = fl.stage_for_trial(trained, tmp_path)  # from the cache the task wrote
+    assert plan.load(trained).stage["model_acc"] == expected["model_acc"]
+    assert plan.accuracy[stage_id(fl.chain_key(trained), trained.fl_round)] == expected["model_acc"]

@@ -17,10 +17,10 @@ import pytest
 
 from grnn_engine import TrialSpec, run_trial
 from orchestrator import sweep
-from orchestrator.packing import pack_groups, run_pack, write_pack_failures
 from orchestrator.progress import Progress, SweepStats
 from orchestrator.results import Ledger, load
-from orchestrator.runner import LedgerCallback
+from orchestrator.running.ledger_callback import LedgerCallback
+from orchestrator.running.packing import pack_groups, run_pack
 from orchestrator.spec import load_spec
 
 SEEDS = 5
@@ -156,7 +156,7 @@ def test_a_dead_pack_gets_a_failed_row_for_each_cell_still_without_one(tmp_path:
     callback.write_row(
         run_trial(cells[keys[0]]).to_row(), None
     )  # the one cell that reported before the death
-    write_pack_failures(callback, trial, keys)
+    callback.on_trial_error(0, [], trial)  # a row for each cell the pack still owes
     callback.on_trial_error(0, [], trial)  # the same trial ending again writes nothing twice
     df = load(ledger.folder)
     assert sorted(df["trial_key"]) == sorted(keys)

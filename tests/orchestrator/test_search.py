@@ -12,8 +12,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from orchestrator import runner, sweep
+from orchestrator import sweep
 from orchestrator.results import load
+from orchestrator.running.options import RunOptions
+from orchestrator.running.optuna_search import study_runs
+from orchestrator.running.scoring import Scoring
 from orchestrator.spec import OptunaSearch, SpecError, load_spec, parse_spec
 
 SIGMA = {"type": "loguniform", "low": 1.0e-4, "high": 1.0}
@@ -70,10 +73,10 @@ def test_a_finished_search_resumes_with_nothing_to_run(searched: dict, capsys: p
 def test_ledger_rows_are_fed_back_to_their_study(searched: dict) -> None:
     spec = load_spec(searched["spec"])
     assert isinstance(spec.search, OptunaSearch)
-    scoring = runner.Scoring.of(spec.search, spec.success_psnr)
+    scoring = Scoring.of(spec.search, spec.success_psnr)
     rows = searched["df"].to_dict("records")
-    options = runner.RunOptions(name="search")
-    runs, known = runner._study_runs(spec.studies(), spec.search, scoring, rows, options)
+    options = RunOptions(name="search")
+    runs, known = study_runs(spec.studies(), spec.search, scoring, rows, options)
     assert [run.remaining for run in runs] == [0, 0] and set(known) == set(searched["df"]["trial_key"])
     study = next(run for run in runs if run.searcher is not None).searcher._ot_study  # Optuna's own record
     values = sorted(t.value for t in study.trials)
@@ -81,7 +84,7 @@ def test_ledger_rows_are_fed_back_to_their_study(searched: dict) -> None:
     assert values == pytest.approx(expected)
     # a larger budget leaves the rest to run, and the next sample is new
     bigger = spec.model_copy(update={"search": spec.search.model_copy(update={"num_samples": 5})})
-    runs, _ = runner._study_runs(bigger.studies(), bigger.search, scoring, rows, options)
+    runs, _ = study_runs(bigger.studies(), bigger.search, scoring, rows, options)
     assert sorted(run.remaining for run in runs) == [0, 2]
 
 
@@ -98,8 +101,8 @@ def test_several_objectives_resume_into_a_multi_objective_study() -> None:
     trial = study.trial({"defense.params.sigma": 0.01})
     row = {"search_id": study.id, "trial_key": trial.key(), "status": "COMPLETE", "psnr": 12.5, "model_acc": 0.1,
            "search_params": json.dumps({"defense.params.sigma": 0.01})}  # fmt: skip
-    scoring = runner.Scoring.of(spec.search, spec.success_psnr)
-    runs, known = runner._study_runs([study], spec.search, scoring, [row], runner.RunOptions(name="mo"))
+    scoring = Scoring.of(spec.search, spec.success_psnr)
+    runs, known = study_runs([study], spec.search, scoring, [row], RunOptions(name="mo"))
     assert runs[0].remaining == 2 and known[trial.key()] == {"psnr": 12.5, "model_acc": 0.1}
     (told,) = runs[0].searcher._ot_study.trials
     assert told.values == [12.5, 0.1] and told.params == {"defense.params.sigma": 0.01}

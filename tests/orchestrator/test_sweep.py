@@ -17,7 +17,8 @@ import pytest
 from grnn_engine import TrialSpec
 from orchestrator import sweep
 from orchestrator.results import load
-from orchestrator.runner import TrialTimeout, Watchdog, execute_cell
+from orchestrator.running.execute import execute_cell
+from orchestrator.running.watchdog import TrialTimeout, Watchdog
 from orchestrator.status import main as status_main
 
 TIMEOUT_S = 45  # generous: a loaded CI machine must not time out the 10-iteration trial

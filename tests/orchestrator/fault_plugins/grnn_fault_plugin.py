@@ -52,7 +52,7 @@ def _counted(run_trial: Any) -> Any:
     return wrapper
 
 
-# orchestrator.runner binds `from grnn_engine import run_trial` after this module ran.
+# orchestrator.running.execute binds `from grnn_engine import run_trial` after this module ran.
 grnn_engine.run_trial = _counted(grnn_engine.run_trial)
 
 

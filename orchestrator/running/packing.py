@@ -9,7 +9,8 @@ or more becomes one Tune trial, named `pack<n>-<first cell's key>`, that reserve
 The ledger does not change: the packed trainable sends one final report per cell (the same row, keys and
 image as an unpacked trial's), and `LedgerCallback` writes each as it arrives; progress and the summary count
 cells. A pack whose worker dies gets a FAILED (or TIMEOUT) row for each cell still without a row, as an
-unpacked trial does, so a rerun runs only the cells without rows, packed again.
+unpacked trial does (written by the LedgerCallback, which `packed_fit` tells the packs), so a rerun runs only
+the cells without rows, packed again.
 
 Failures: when the batched run raises (out of memory, one cell's bad data or stage, anything), the pack's
 cells run again one by one through `execute_cell`, each with its own time limit and error handling, so every
@@ -22,29 +23,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from grnn_engine import TrialResult, TrialSpec
 from grnn_engine.batched import compatible_groups, run_trials_batched
-from orchestrator.runner import (
-    LedgerCallback,
-    StageContext,
-    StagePlan,
-    TrialTimeout,
-    Watchdog,
-    _device,
-    _failure_from_trial,
-    _free_gpu_memory,
-    _is_oom,
-    _reset_process_state,
+from orchestrator.running.execute import (
     execute_cell,
-    final_metrics,
-    trainable,
+    free_gpu_memory,
+    is_oom,
+    reset_process_state,
+    trial_device,
 )
+from orchestrator.running.scoring import final_metrics
+from orchestrator.running.stages import StageContext, StagePlan
+from orchestrator.running.trainable import trainable
+from orchestrator.running.watchdog import TrialTimeout, Watchdog
 
-__all__ = ["pack_groups", "packed_fit", "packed_trainable", "run_pack", "write_pack_failures"]
+if TYPE_CHECKING:
+    from orchestrator.running.ledger_callback import LedgerCallback
+
+__all__ = ["pack_groups", "packed_fit", "packed_trainable", "run_pack"]
 
 
 def pack_groups(cells: dict[str, TrialSpec], pack: int) -> dict[str, list[str]]:
@@ -59,7 +59,7 @@ def pack_groups(cells: dict[str, TrialSpec], pack: int) -> dict[str, list[str]]:
 def packed_fit(
     cells: dict[str, TrialSpec], pack: int, callback: LedgerCallback, trainable_kwargs: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainable kwargs, the rest of runner._fit's arguments) for running `cells` in packs of up to `pack`.
+    """(trainable kwargs, the rest of tune_run.fit's arguments) for running `cells` in packs of up to `pack`.
 
     Tells `callback` which cells each packed trial holds (it starts them together and writes their rows).
     """
@@ -80,7 +80,7 @@ def packed_trainable(
     stages: StagePlan | None = None,
 ) -> None:
     """Tune function trainable: a packed trial (`config["trial_key"]` in `packs`) runs its cells together and
-    reports one final result per cell; any other trial is runner.trainable's."""
+    reports one final result per cell; any other trial is trainable.trainable's."""
     members = (packs or {}).get(config["trial_key"])
     if members is None or cells is None:
         trainable(config, cells=cells, cpu=cpu, gpu=gpu, trial_timeout_s=trial_timeout_s, stages=stages)
@@ -88,7 +88,7 @@ def packed_trainable(
     specs = []
     for key in members:
         fields = dict(cells[key])
-        fields["device"] = _device(str(fields.get("device", "auto")), gpu)
+        fields["device"] = trial_device(str(fields.get("device", "auto")), gpu)
         specs.append(TrialSpec(**fields))
     for result in run_pack(specs, stages, trial_timeout_s, cpu):
         tune.report(final_metrics(result))
@@ -103,7 +103,7 @@ def run_pack(
     killed half way keeps the rows of the cells it finished.
     """
     n = len(specs)
-    _reset_process_state(specs[0].seed, cpu)
+    reset_process_state(specs[0].seed, cpu)
     start = time.perf_counter()
     limit = trial_timeout_s * n if trial_timeout_s else None
     watchdog = Watchdog(limit) if limit else None
@@ -130,34 +130,16 @@ def run_pack(
             )  # fmt: skip
         return
     except Exception as err:  # noqa: BLE001  (run each cell alone: its own row, error and all)
-        if _is_oom(err):
-            _free_gpu_memory()
+        if is_oom(err):
+            free_gpu_memory()
     if results is not None:
         yield from results
         return
     for spec in specs:
-        _reset_process_state(spec.seed, cpu)  # as runner.trainable does before each cell
+        reset_process_state(spec.seed, cpu)  # as trainable.trainable does before each cell
         load = (lambda s=spec: stages.load(s)) if stages is not None else None
         yield execute_cell(spec, _no_report, trial_timeout_s, load)
 
 
 def _no_report(metrics: dict[str, Any]) -> None:
     """Intermediate metrics of a cell run one by one inside a pack: nothing acts on them (see module doc)."""
-
-
-def write_pack_failures(callback: LedgerCallback, trial: Any, keys: Sequence[str]) -> None:
-    """Driver side: a packed trial ended without some of its rows (its worker died): a row for each of those."""
-    missing = [key for key in keys if key not in callback.written and key in callback.cells]
-    if not missing:
-        return
-    now = time.monotonic()
-    elapsed = now - min(callback.started_at.get(key, now) for key in keys)
-    limit = callback.trial_timeout_s * len(keys) if callback.trial_timeout_s else None
-    status, error_type, error = _failure_from_trial(trial, elapsed, limit)
-    if status == "TIMEOUT":
-        error = f"packed trial of {len(keys)} cells ran past {len(keys)} x trial_timeout_s and its worker was ended"
-    for key in missing:
-        failed = TrialResult.failed(
-            callback.cells[key], status=status, error_type=error_type, error=error, wall_s=elapsed / len(keys)
-        )
-        callback.write_row(failed.to_row(), None, trial)

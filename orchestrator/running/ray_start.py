@@ -1,0 +1,71 @@
+"""Starts (or connects to) the Ray a sweep runs on, quietly, and stops what it started.
+
+An embedded Ray (the default) starts only what a local sweep needs (no dashboard) and has its workers import
+the trial code as they start (WORKER_PRELOAD), so that the trials' actors begin warm. This module imports
+nothing but Ray: a driver can start Ray before it imports Tune and the rest of the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+# Set before Tune runs. Auto loggers would copy every result (PNG included) into result.json and
+# progress.csv for nothing; the new console output prints a banner even at verbose=0; Tune prints a
+# traceback per failed trial, which the ledger already records; chdir into the trial folder would
+# break relative data paths.
+_QUIET_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+# Only these reach the workers of a cluster (embedded workers inherit the driver's environment).
+_WORKER_ENV = ("RAY_CHDIR_TO_TRIAL_DIR", "GRNN_DATA_ROOT", "GRNN_CACHE_DIR")
+# What an embedded Ray's workers import as they start, before any work reaches them: torch, the engine and Tune's
+# function trainable take seconds to import, and Ray starts as many workers as there are CPUs with the first
+# driver, so the trials' actors (which take those workers) start warm instead of importing after Tune asked.
+WORKER_PRELOAD = ("orchestrator.running.trainable",)
+
+
+def _project_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def start_ray(
+    address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None
+) -> bool:
+    """Start (or connect to) Ray quietly; returns True when this call started it (then shut it down).
+
+    Embedded by default: `num_cpus` (default all cores), no dashboard, workers that import the trial code
+    as they start (WORKER_PRELOAD; ray.init does not wait for them). With `address` (or RAY_ADDRESS set, as
+    inside a submitted Ray job) it connects to that cluster instead.
+    """
+    os.environ.update(_QUIET_ENV)
+    if ray.is_initialized():
+        return False
+    common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address or os.environ.get("RAY_ADDRESS"):
+        env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+        ray.init(address=address or None, runtime_env={"env_vars": env}, **common)
+    else:
+        # Embedded workers inherit this environment: let them import the project from a plain checkout.
+        root = _project_root()
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp_dir,
+            _system_config={"preload_python_modules": list(WORKER_PRELOAD)}, **common,
+        )
+    return True
+
+
+def stop_ray(started: bool) -> None:
+    """Shut Ray down when `started` (start_ray's answer) says this process started it."""
+    if started and ray.is_initialized():
+        ray.shutdown()
