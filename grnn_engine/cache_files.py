@@ -18,7 +18,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "content_hash", "load_torch_cache"]
+__all__ = ["DEFAULT_CACHE_DIR", "atomic_torch_save", "content_hash", "load_torch_cache", "resolve_cache_dir"]
+
+# Where FL stages and image priors are cached unless cache_dir or $GRNN_CACHE_DIR says otherwise.
+DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/grnn/stages")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """cache_dir, else $GRNN_CACHE_DIR, else ~/.cache/grnn/stages."""
+    chosen = cache_dir or os.environ.get("GRNN_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return pathlib.Path(chosen).expanduser()
+
 
 
 def content_hash(payload: Mapping[str, Any]) -> str:

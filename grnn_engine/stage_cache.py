@@ -7,12 +7,17 @@ never loads the stages of the old one.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-from grnn_engine.cache_files import atomic_torch_save, content_hash, load_torch_cache
+from grnn_engine.cache_files import (
+    DEFAULT_CACHE_DIR,
+    atomic_torch_save,
+    content_hash,
+    load_torch_cache,
+    resolve_cache_dir,
+)
 from grnn_engine.fl_settings import FLSettings
 from grnn_engine.victims import victim_fingerprint
 
@@ -20,7 +25,6 @@ __all__ = ["DEFAULT_CACHE_DIR", "STAGE_FORMAT", "chain_id", "load_stage", "resol
 
 # Bump when a change to the training changes what a stage holds: old cache entries then miss.
 STAGE_FORMAT = 1
-DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/grnn/stages")
 
 
 def _chain_identity(
@@ -66,12 +70,6 @@ def stage_key(
     return content_hash(
         {**_chain_identity(dataset, image_size, victim, victim_params, settings, seed), "round": fl_round}
     )
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """cache_dir, else $GRNN_CACHE_DIR, else ~/.cache/grnn/stages."""
-    chosen = cache_dir or os.environ.get("GRNN_CACHE_DIR") or DEFAULT_CACHE_DIR
-    return pathlib.Path(chosen).expanduser()
 
 
 def load_stage(path: pathlib.Path) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grnn_engine.cache_files import atomic_torch_save, content_hash, load_torch_cache
+from grnn_engine.cache_files import atomic_torch_save, content_hash, load_torch_cache, resolve_cache_dir
 from grnn_engine.data import SPLITS, load_dataset
 from grnn_engine.errors import ConfigError
 
@@ -162,8 +162,6 @@ def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[Gau
 def load_or_fit_prior(public: PublicData, settings: PriorSettings,
                       cache_dir: str | os.PathLike[str] | None = None) -> GaussianImagePrior:
     """The prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
-    # The stages' folder; imported here because stage_cache needs fl_settings, which needs the defenses.
-    from grnn_engine.stage_cache import resolve_cache_dir
 
     global priors_fitted
     path = pathlib.Path(resolve_cache_dir(cache_dir)) / f"prior-{prior_key(public, settings)}.pt"
