@@ -53,11 +53,12 @@ def start_ray(
         env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
         ray.init(address=address or None, runtime_env={"env_vars": env}, **common)
     else:
-        # Embedded workers inherit this environment: let them import the project from a plain checkout.
-        root = _project_root()
+        # Embedded workers inherit this environment: let them import the project from a plain checkout, and
+        # a user's own modules (victims by import path) from the folder the command runs in, as the driver
+        # does under `python -m`.
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if root not in paths:
-            os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        missing = [p for p in (_project_root(), os.getcwd()) if p not in paths]
+        os.environ["PYTHONPATH"] = os.pathsep.join([*missing, *paths])
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp_dir,
             _system_config={"preload_python_modules": list(WORKER_PRELOAD)}, **common,
