@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 # An exact copy has infinite PSNR; report it as this instead so means and Parquet columns stay finite.
@@ -28,6 +27,10 @@ def pairwise_mse(recon: Tensor, truth: Tensor) -> Tensor:
 
 def match(recon: Tensor, truth: Tensor) -> list[int]:
     """matching[i] = index of the reconstruction assigned to true image i (minimum total MSE)."""
+    # Imported here: scipy.optimize takes about half a second to import, which every sweep worker would pay
+    # at start-up, before its first trial (the engine's import is on that path).
+    from scipy.optimize import linear_sum_assignment
+
     cost = pairwise_mse(recon.detach().cpu(), truth.detach().cpu()).numpy()
     rows, cols = linear_sum_assignment(cost)
     matching = np.empty(len(rows), dtype=np.int64)

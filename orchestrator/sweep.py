@@ -304,12 +304,13 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     # Ray first, and only then Tune and the rest of the runner (seconds of imports, which nothing above
     # needs): the embedded Ray's workers import the trial code while this process imports Tune.
     from orchestrator.running import ray_start
+    from orchestrator.running.stages import needs_stage_tasks, stage_cache_dir
 
-    started = ray_start.start_ray(args.address)
+    staged = [s.cell for s in spec.studies()] if searching else todo
+    started = ray_start.start_ray(args.address, worker_pool=needs_stage_tasks(staged, spec.utility_at))
     try:
         from orchestrator.running import tune_run
         from orchestrator.running.options import RunOptions
-        from orchestrator.running.stages import stage_cache_dir
 
         options = RunOptions(
             name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from grnn_engine.attacks.base import (
@@ -169,6 +168,8 @@ def _align(images: Tensor, labels: Tensor, reference: Tensor, ref_labels: Tensor
         return images
     cost = pairwise_mse(images, reference)  # (reference, images)
     cost = cost + 1e6 * (ref_labels.view(-1, 1).cpu() != labels.view(1, -1).cpu()).to(cost)
+    from scipy.optimize import linear_sum_assignment  # here, as in metrics.match: its import is slow
+
     rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
     order = torch.empty(len(rows), dtype=torch.long)
     order[torch.as_tensor(rows)] = torch.as_tensor(cols)

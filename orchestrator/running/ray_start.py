@@ -1,8 +1,12 @@
 """Starts (or connects to) the Ray a sweep runs on, quietly, and stops what it started.
 
-An embedded Ray (the default) starts only what a local sweep needs (no dashboard) and has its workers import
-the trial code as they start (WORKER_PRELOAD), so that the trials' actors begin warm. This module imports
-nothing but Ray: a driver can start Ray before it imports Tune and the rest of the runner.
+An embedded Ray (the default) starts only what a local sweep needs: no dashboard, and pooled workers only when
+the sweep has FL stages to train. Pooled workers (one per CPU, importing the trial code as they start:
+WORKER_PRELOAD) serve Ray tasks, i.e. the stage preparation, and nothing else: Tune gives every trial actor a
+runtime environment of its own (the environment variables it propagates), so Ray starts the trials' workers
+afresh whatever the pool holds. In a sweep without stage tasks the pool would only take CPU from the trials'
+workers while they import torch (on 2 CPUs the quickstart's first trial came ~40% later with it). This module
+imports nothing but Ray: a driver can start Ray before it imports Tune and the rest of the runner.
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ _QUIET_ENV = {
 # Only these reach the workers of a cluster (embedded workers inherit the driver's environment).
 _WORKER_ENV = ("RAY_CHDIR_TO_TRIAL_DIR", "GRNN_DATA_ROOT", "GRNN_CACHE_DIR")
 # What an embedded Ray's workers import as they start, before any work reaches them: torch, the engine and Tune's
-# function trainable take seconds to import, and Ray starts as many workers as there are CPUs with the first
-# driver, so the trials' actors (which take those workers) start warm instead of importing after Tune asked.
+# function trainable take seconds to import; the pooled workers then run the stage tasks warm.
 WORKER_PRELOAD = ("orchestrator.running.trainable",)
 
 
@@ -37,12 +40,16 @@ def _project_root() -> str:
 
 
 def start_ray(
-    address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None
+    address: str | None = None,
+    num_cpus: int | None = None,
+    temp_dir: str | None = None,
+    worker_pool: bool = True,
 ) -> bool:
     """Start (or connect to) Ray quietly; returns True when this call started it (then shut it down).
 
-    Embedded by default: `num_cpus` (default all cores), no dashboard, workers that import the trial code
-    as they start (WORKER_PRELOAD; ray.init does not wait for them). With `address` (or RAY_ADDRESS set, as
+    Embedded by default: `num_cpus` (default all cores), no dashboard, and with `worker_pool` one pooled worker
+    per CPU that imports the trial code as it starts (WORKER_PRELOAD; ray.init does not wait for them): pass
+    False when no Ray task will run (see stages.needs_stage_tasks). With `address` (or RAY_ADDRESS set, as
     inside a submitted Ray job) it connects to that cluster instead.
     """
     os.environ.update(_QUIET_ENV)
@@ -61,7 +68,10 @@ def start_ray(
         os.environ["PYTHONPATH"] = os.pathsep.join([*missing, *paths])
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp_dir,
-            _system_config={"preload_python_modules": list(WORKER_PRELOAD)}, **common,
+            _system_config={
+                "preload_python_modules": list(WORKER_PRELOAD), "prestart_worker_first_driver": worker_pool,
+            },
+            **common,
         )
     return True
 

@@ -210,6 +210,13 @@ def stage_cache_dir(results_root: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.path.expanduser(chosen))
 
 
+def needs_stage_tasks(cells: Sequence[TrialSpec], utility_round: int | None = None) -> bool:
+    """Whether `prepare_stages(cells, utility_round=...)` will run Ray tasks: some cell attacks a trained round or
+    needs the utility round of its defense (chains needed at round 0 only are built by their trials)."""
+    plan = StagePlan(utility_round=utility_round)
+    return any(plan.needs_training(c) for c in cells)
+
+
 def prepare_stages(
     cells: Sequence[TrialSpec],
     *,

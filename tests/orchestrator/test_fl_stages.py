@@ -18,7 +18,14 @@ from grnn_engine import fl
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator import sweep
 from orchestrator.results import load
-from orchestrator.running.stages import STAGES_DIR, StagePlan, prepare_stages, stage_id, task_groups
+from orchestrator.running.stages import (
+    STAGES_DIR,
+    StagePlan,
+    needs_stage_tasks,
+    prepare_stages,
+    stage_id,
+    task_groups,
+)
 from orchestrator.spec import load_spec
 
 # Large local batches and a large step: 20 rounds of digits train in seconds and reach ~0.97 accuracy.
@@ -110,6 +117,9 @@ def test_untrained_chains_need_no_task_and_every_trial_gets_its_stage(
     plan = prepare_stages([*untrained, trained], cache_dir=str(tmp_path))
     # only the chain with a trained round became a task; the untrained ones are the trials' own to build
     assert plan.errors == {} and plan.trained == [fl.chain_key(trained)] and len(plan.refs) == 1
+    assert prepare_stages(untrained, cache_dir=str(tmp_path)).refs == {}  # no task at all
+    # what the sweep asks before it starts Ray (a worker pool only for stage tasks) says the same
+    assert needs_stage_tasks([*untrained, trained]) and not needs_stage_tasks(untrained)
     cache = tmp_path / "trial-built"
     for spec in untrained:  # what a trial builds equals what fl trains (and caches) for that chain
         expected = fl.train_chain(spec.dataset, spec.victim, {}, spec.image_size, {}, spec.seed, [0],
@@ -122,3 +132,11 @@ def test_untrained_chains_need_no_task_and_every_trial_gets_its_stage(
     expected = fl.stage_for_trial(trained, tmp_path)  # from the cache the task wrote
     assert plan.load(trained).stage["model_acc"] == expected["model_acc"]
     assert plan.accuracy[stage_id(fl.chain_key(trained), trained.fl_round)] == expected["model_acc"]
+
+
+def test_utility_round_of_a_defended_cell_needs_a_stage_task() -> None:
+    plain = TrialSpec(dataset="digits", victim="lenet", seed=0)
+    defended = TrialSpec(dataset="digits", victim="lenet", seed=0, fl={"defense": {"name": "dp_sgd"}})
+    assert not needs_stage_tasks([plain, defended])  # no utility asked: round 0 is the trials' own
+    assert not needs_stage_tasks([plain], utility_round=3)  # utility is measured only under a defense
+    assert needs_stage_tasks([plain, defended], utility_round=3)

@@ -160,6 +160,29 @@ def test_bad_spec_exits_2_before_ray_starts(
     assert not (tmp_path / "r").exists()
 
 
+class _RayStarted(Exception):
+    """Raised by the recording start_ray below: the test only wants to know how Ray would start."""
+
+
+@pytest.mark.parametrize(("fl_round", "pool"), [(0, False), (2, True)])
+def test_embedded_ray_pools_workers_only_for_stage_tasks(
+    tmp_path: Path, make_spec: Any, monkeypatch: pytest.MonkeyPatch, fl_round: int, pool: bool
+) -> None:
+    from orchestrator.running import ray_start
+
+    asked: list[dict[str, Any]] = []
+
+    def record(*args: Any, **kwargs: Any) -> bool:
+        asked.append(kwargs)
+        raise _RayStarted
+
+    monkeypatch.setattr(ray_start, "start_ray", record)
+    spec = make_spec(tmp_path / "s.yaml", grid={"fl_round": [fl_round]})
+    with pytest.raises(_RayStarted):
+        sweep.run([str(spec), "--results", str(tmp_path / "r")])
+    assert asked == [{"worker_pool": pool}]
+
+
 def test_submit_command_runs_the_same_sweep_on_the_cluster() -> None:
     cmd = sweep.submit_command(["sweeps/x.yaml", "--retry-failed", "--max-concurrent", "3", "--submit"])
     assert cmd.startswith("python -m orchestrator.sweep sweeps/x.yaml --address auto --results ")
