@@ -116,6 +116,7 @@ def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | 
     from orchestrator.results import Ledger
     from orchestrator.running.options import RunOptions
     from orchestrator.running.ray_start import start_ray
+    from orchestrator.running.stages import needs_stage_tasks
     from orchestrator.running.tune_run import run_cells
 
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's Unix socket paths are limited
@@ -133,7 +134,8 @@ def ray_phase(name: str, cells: list[TrialSpec], work: Path, *, num_cpus: int | 
             cluster.wait_for_nodes()
             start_ray(address=cluster.address)
         else:
-            start_ray(num_cpus=num_cpus, temp_dir=ray_tmp)
+            # as `python -m orchestrator.sweep` starts it: a worker pool only for FL stage tasks
+            start_ray(num_cpus=num_cpus, temp_dir=ray_tmp, worker_pool=needs_stage_tasks(cells))
         ray_start_s = time.monotonic() - t0
         ledger = Ledger(work / name, sweep=name)
         # A fresh stage cache per phase: every phase prepares the same stages, none inherits another's.

@@ -156,21 +156,24 @@ def resolve_data_root(root: Root) -> pathlib.Path:
 
 
 def _resize(images: Tensor, size: int) -> Tensor:
-    """Bilinear resize of (..., 3, h, w) to size x size; antialiased so downsizing does not alias."""
+    """Bilinear resize of (..., 3, h, w) to size x size; antialiased so downsizing does not alias.
+
+    torch's own interpolate, which is what torchvision's resize runs on tensors (bit-identical): importing
+    torchvision costs a sweep worker seconds before its first trial (it imports torch._dynamo).
+    """
     if images.shape[-2:] == (size, size):
         return images
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    out = TF.resize(images, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return out.clamp_(0.0, 1.0)
+    batch = images.reshape(-1, *images.shape[-3:])
+    out = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.reshape(*images.shape[:-2], size, size).clamp_(0.0, 1.0)
 
 
 def _pil_to_tensor(image: Any) -> Tensor:
     """A PIL image as float32 (3, h, w) in [0, 1]; grey is replicated to 3 channels, as the GRNN paper does."""
-    from torchvision.transforms import functional as TF
+    import numpy as np
 
-    return TF.pil_to_tensor(image.convert("RGB")).to(torch.float32).div_(255.0)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (h, w, 3), a copy torch may own
+    return pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
 
 
 def _read_file(path: str) -> Tensor:
@@ -244,12 +247,29 @@ def _tree_image_set(name: str, tree: pathlib.Path, split: str, image_size: int) 
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled digits as float32 (1797, 8, 8) in [0, 1] (stored levels 0..16) and labels."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled digits as float32 (1797, 8, 8) in [0, 1] (stored levels 0..16) and labels.
 
-    bunch = load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0)
-    return images, torch.as_tensor(bunch.target, dtype=torch.int64)
+    Read from the file scikit-learn ships them in (what its load_digits reads), without importing scikit-learn:
+    that import costs a sweep worker about a second before its first digits trial. load_digits when the file
+    is not where scikit-learn has always kept it.
+    """
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    found = importlib.util.find_spec("sklearn")
+    path = pathlib.Path(found.origin).parent / "datasets" / "data" / "digits.csv.gz" if found and found.origin else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")  # 1797 rows: 64 pixel levels, then the label
+        pixels, targets = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        pixels, targets = bunch.images, bunch.target
+    return torch.as_tensor(pixels, dtype=torch.float32).div_(16.0), torch.as_tensor(targets, dtype=torch.int64)
 
 
 @functools.cache

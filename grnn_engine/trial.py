@@ -7,7 +7,6 @@ The steps around the attack loop are public (`prepare_trial`, `finish_trial`) so
 from __future__ import annotations
 
 import copy
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from grnn_engine.data import ImageSet, load_dataset, select_batch
 from grnn_engine.defenses import DEFENSES, ClientBatch
 from grnn_engine.devices import resolve_device
 from grnn_engine.errors import ConfigError
+from grnn_engine.image_grid import grid_png
 from grnn_engine.metrics import matched_psnr, score
 from grnn_engine.result import COMPLETE, FAILED, TrialResult
 from grnn_engine.trial_spec import TrialSpec
@@ -75,18 +75,6 @@ def client_update(
         optimizer.step()
     delta = tuple((new - old).detach() for new, old in zip(local_params, trainable_parameters(model), strict=True))
     return SharedUpdate(tensors=delta, kind="fedavg", local_steps=steps, local_lr=lr)
-
-
-def image_grid_png(truth: Tensor, recon: Tensor) -> bytes:
-    """PNG of the true batch (top row) above the matched reconstruction (bottom row)."""
-    from PIL import Image  # imported here: only trials that finish need it
-    from torchvision.utils import make_grid
-
-    grid = make_grid(torch.cat([truth, recon]).cpu().clamp(0, 1), nrow=truth.shape[0], padding=2, pad_value=1.0)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def global_model(
@@ -220,7 +208,7 @@ def finish_trial(prepared: PreparedTrial, recon: Reconstruction, attack_s: float
         s = score(recon.images, recon.labels, prepared.images, prepared.labels, success_psnr=spec.success_psnr)
         result.metrics = {**s.__dict__, "indices": list(prepared.indices)}
         matched = recon.images[s.matching]
-        result.image_png = image_grid_png(prepared.images, matched)
+        result.image_png = grid_png(prepared.images, matched)  # truth above its reconstruction
         if prepared.identifier is not None:
             from grnn_engine.reid import reid_metrics
 

@@ -9,7 +9,6 @@ and, when the client's true batch is known to the auditor (a test federation), t
 
 from __future__ import annotations
 
-import io
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from grnn_engine.attacks.base import ATTACKS, Reconstruction, SharedUpdate
 from grnn_engine.data import load_dataset
 from grnn_engine.errors import ConfigError
+from grnn_engine.image_grid import grid_png
 from grnn_engine.result import COMPLETE, FAILED, TrialResult
 from grnn_engine.trial import PreparedTrial, finish_trial, resolve_device
 from grnn_engine.trial_spec import TrialSpec
@@ -120,18 +120,6 @@ def shared_update(job: AuditJob, model: nn.Module) -> SharedUpdate:
     return SharedUpdate(tensors=delta, kind="fedavg", local_steps=job.local_steps, local_lr=job.local_lr)
 
 
-def reconstruction_png(images: Tensor) -> bytes:
-    """One row of reconstructed images (no truth to put above them)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=images.shape[0], padding=2, pad_value=1.0)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _prepared(job: AuditJob, model: nn.Module, shared: SharedUpdate, device: torch.device,
               generator: torch.Generator, start: float) -> PreparedTrial | None:
     """The engine's PreparedTrial around the client's true batch, or None when the truth is unknown."""
@@ -162,7 +150,7 @@ def _unscored(job: AuditJob, recon: Reconstruction, attack_s: float, start: floa
         result.error = f"{job.attack} produced non-finite images"
     else:
         result.metrics = {"labels_recovered": [int(v) for v in recon.labels.cpu().tolist()]}
-        result.image_png = reconstruction_png(recon.images)
+        result.image_png = grid_png(recon.images)  # one row: no truth to put above them
     result.wall_s = time.perf_counter() - start
     return result
 
