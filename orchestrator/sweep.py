@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from grnn_engine.cli_values import OneLineParser, user_error
+from grnn_engine.cli_values import OneLineParser, run_command, user_error
 from grnn_engine.errors import GrnnError
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.progress import SweepSummary
@@ -341,4 +341,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
