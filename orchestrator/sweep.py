@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit this sweep as a Ray job to the cluster (RAY_ADDRESS or --address) and return")
     p.add_argument("--yes", action="store_true", help="run even when the sweep has more cells than max_cells")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
-                   help="run at most N trials at once (overrides the spec)")
+                   help="run at most N trials at once (overrides the spec); a local Ray then takes only the "
+                   "CPUs of N trials (N x resources.cpu)")
     return p
 
 
@@ -305,7 +306,9 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     # needs): the embedded Ray's workers import the trial code while this process imports Tune.
     from orchestrator.running import ray_start
 
-    started = ray_start.start_ray(args.address)
+    max_concurrent = args.max_concurrent or spec.max_concurrent
+    # An embedded Ray gets only the CPUs of the trials that may run at once (a cluster is as it is).
+    started = ray_start.start_ray(args.address, num_cpus=ray_start.embedded_cpus(max_concurrent, spec.resources.cpu))
     try:
         from orchestrator.running import tune_run
         from orchestrator.running.options import RunOptions
@@ -313,7 +316,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
 
         options = RunOptions(
             name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,
-            max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
+            max_concurrent=max_concurrent, trial_timeout_s=spec.trial_timeout_s,
             max_failures=spec.max_failures, cache_dir=stage_cache_dir(results_root(args.results)),
             utility_round=spec.utility_at, scheduler=spec.scheduler, retry_failed=args.retry_failed,
             pack=spec.pack,
