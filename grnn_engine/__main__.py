@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from grnn_engine.cli_values import OneLineParser, user_error
+from grnn_engine.cli_values import OneLineParser, run_command, user_error
 from grnn_engine.errors import ConfigError, GrnnError
 from grnn_engine.trial_spec import SEED_MAX  # noqa: E402  (the bound the sweep spec uses too)
 
@@ -191,4 +191,4 @@ def _prepare_out(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -1,9 +1,12 @@
-"""Parsing KEY=VALUE command-line settings into typed values, and printing a user's value in an error."""
+"""What every command line shares: parsing KEY=VALUE settings into typed values, printing a user's value in an
+error, and how a command ends (`run_command`: its status, or quietly when the reader of its output left)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import yaml
@@ -23,6 +26,21 @@ def user_error(error: BaseException) -> int:
     command line ends on a bad value, a missing file or bad data, without a traceback."""
     print(f"error: {one_line(str(error))}", file=sys.stderr)
     return 2
+
+
+def run_command(main: Callable[[], int]) -> NoReturn:
+    """Run a command line's `main` and exit with its status. When the reader of stdout closes it early
+    (`python -m orchestrator.sweep spec.yaml --dry-run | head -1`), the command ends quietly with status 1, no
+    traceback: the Python documentation's recipe for SIGPIPE (stdout pointed at devnull, so that the flush at
+    exit cannot fail again). Every `python -m` entry point of the project ends through this."""
+    try:
+        status = main()
+        sys.stdout.flush()  # inside the try: a pipe closed after the last print fails here
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = 1
+    sys.exit(status)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -83,12 +83,14 @@ def global_model(
     """The global model being attacked, with its test accuracy and loss when known.
 
     fl_round 0 is the untrained model; later rounds come from `stage_state` (handed over by the
-    orchestrator) or are trained here through grnn_engine.fl.
+    orchestrator) or are trained here through grnn_engine.fl. A model the trial's attack cannot run on (e.g. a
+    user's model without BatchNorm for gradinversion) is a ConfigError before any training.
     """
     model = create_victim(
         spec.victim, num_classes=images.num_classes, image_size=spec.image_size, seed=spec.seed,
         **spec.victim_params,
     )
+    check_attack_victim(spec.attack, spec.victim, model)
     acc = loss = None
     if spec.fl_round > 0 or stage_state is not None:
         if stage_state is None:

@@ -8,14 +8,13 @@ this folder) and after it ended. Exit 2 with one sentence when the folder is not
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grnn_engine.cli_values import OneLineParser, user_error
+from grnn_engine.cli_values import OneLineParser, run_command, user_error
 from grnn_engine.errors import GrnnError
 from orchestrator.results import Ledger
 
@@ -149,4 +148,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from grnn_engine.cli_values import OneLineParser, user_error
+from grnn_engine.cli_values import OneLineParser, run_command, user_error
 from grnn_engine.errors import GrnnError
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.progress import SweepSummary
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit this sweep as a Ray job to the cluster (RAY_ADDRESS or --address) and return")
     p.add_argument("--yes", action="store_true", help="run even when the sweep has more cells than max_cells")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
-                   help="run at most N trials at once (overrides the spec)")
+                   help="run at most N trials at once (overrides the spec); a local Ray then takes only the "
+                   "CPUs of N trials (N x resources.cpu)")
     return p
 
 
@@ -302,19 +303,25 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     print(f"sweep '{spec.name}': {left} of {trials} {what} to run "
           f"({trials - left} already have results)", flush=True)
     # Ray first, and only then Tune and the rest of the runner (seconds of imports, which nothing above
-    # needs): the embedded Ray's workers import the trial code while this process imports Tune.
+    # needs): Ray's own processes start while this process imports Tune.
     from orchestrator.running import ray_start
     from orchestrator.running.stages import needs_stage_tasks, stage_cache_dir
 
     staged = [s.cell for s in spec.studies()] if searching else todo
-    started = ray_start.start_ray(args.address, worker_pool=needs_stage_tasks(staged, spec.utility_at))
+    max_concurrent = args.max_concurrent or spec.max_concurrent
+    # An embedded Ray gets only the CPUs of the trials that may run at once (a cluster is as it is), and a
+    # worker pool only when FL stage tasks will run (see ray_start).
+    started = ray_start.start_ray(
+        args.address, num_cpus=ray_start.embedded_cpus(max_concurrent, spec.resources.cpu),
+        worker_pool=needs_stage_tasks(staged, spec.utility_at),
+    )
     try:
         from orchestrator.running import tune_run
         from orchestrator.running.options import RunOptions
 
         options = RunOptions(
             name=spec.name, cpu=spec.resources.cpu, gpu=spec.resources.gpu,
-            max_concurrent=args.max_concurrent or spec.max_concurrent, trial_timeout_s=spec.trial_timeout_s,
+            max_concurrent=max_concurrent, trial_timeout_s=spec.trial_timeout_s,
             max_failures=spec.max_failures, cache_dir=stage_cache_dir(results_root(args.results)),
             utility_round=spec.utility_at, scheduler=spec.scheduler, retry_failed=args.retry_failed,
             pack=spec.pack,
@@ -342,4 +349,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from grnn_engine.errors import ConfigError
-from grnn_engine.registry import Registry
+from grnn_engine.registry import Registry, is_import_path
 
 if TYPE_CHECKING:
     from grnn_engine.attacks.image_prior import PublicData
@@ -88,8 +89,12 @@ class Attack(ABC):
 
     name: ClassVar[str]
     iterations: int
-    # The victims whose threat model the attack needs (e.g. the malicious server's `imprint` model); None: any.
+    # The registered victims whose threat model the attack needs (e.g. the malicious server's `imprint` model);
+    # None: any. A user's victim by import path is refused by name unless `requires_batchnorm` lets it in.
     requires_victims: ClassVar[tuple[str, ...] | None] = None
+    # True: the attack reads BatchNorm running statistics, so the victim's built model must have BatchNorm
+    # layers that keep them; a user's victim by import path is then taken too, checked on its built model.
+    requires_batchnorm: ClassVar[bool] = False
     # True for closed-form attacks: the answer does not depend on the generator.
     analytic: ClassVar[bool] = False
 
@@ -125,13 +130,60 @@ class Attack(ABC):
 ATTACKS: Registry[Attack] = Registry("attack")
 
 
-def check_attack_victim(attack: str, victim: str) -> None:
-    """ConfigError (one sentence) when attack `attack` cannot run on victim `victim` (see `requires_victims`)."""
-    needed = getattr(ATTACKS.get(attack), "requires_victims", None)
-    if needed is not None and victim not in needed:
-        raise ConfigError(
-            f"attack '{attack}' needs victim {' or '.join(repr(v) for v in needed)} (got victim '{victim}')"
-        )
+def allowed_victims(attack: str) -> str | None:
+    """The victims attack `attack` runs on, in words for an error's "allowed" part; None: any victim."""
+    cls = ATTACKS.get(attack)
+    needed = getattr(cls, "requires_victims", None)
+    if needed is None:
+        return None
+    names = " or ".join(repr(v) for v in needed)
+    if getattr(cls, "requires_batchnorm", False):
+        return f"victim {names} or a model of your own with BatchNorm layers"
+    return f"victim {names}"
+
+
+def runs_on_victim(attack: str, victim: str) -> bool:
+    """Whether victim `victim`'s name lets attack `attack` run on it (`requires_victims`); a user's model by
+    import path passes for a BatchNorm attack until its built model says otherwise (`check_batchnorm`)."""
+    cls = ATTACKS.get(attack)
+    needed = getattr(cls, "requires_victims", None)
+    if needed is None or victim in needed:
+        return True
+    return bool(getattr(cls, "requires_batchnorm", False)) and is_import_path(victim)
+
+
+def check_attack_victim(attack: str, victim: str, model: nn.Module | None = None) -> None:
+    """ConfigError (one sentence) when attack `attack` cannot run on victim `victim`: by its name
+    (`runs_on_victim`) and, given the built `model`, by its BatchNorm layers (`requires_batchnorm`)."""
+    if not runs_on_victim(attack, victim):
+        raise ConfigError(f"attack '{attack}' needs {allowed_victims(attack)} (got victim '{victim}')")
+    if model is not None and getattr(ATTACKS.get(attack), "requires_batchnorm", False):
+        check_batchnorm(model, attack, victim)
+
+
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The model's BatchNorm layers (any torch.nn.modules.batchnorm._BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm
+    and their subclasses) that keep running statistics, in `model.modules()` order."""
+    return [
+        m for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
+    ]  # fmt: skip
+
+
+def check_batchnorm(model: nn.Module, attack: str, victim: str | None = None) -> None:
+    """ConfigError (one sentence) when `model` (victim `victim`, when known) has no BatchNorm layer that keeps
+    running statistics."""
+    if batchnorm_layers(model):
+        return
+    who = f"victim '{victim}' ({type(model).__name__})" if victim else f"the victim ({type(model).__name__})"
+    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+        what = "has BatchNorm layers that keep no running statistics (track_running_stats=False)"
+    else:
+        what = "has none"
+    raise ConfigError(
+        f"attack '{attack}' needs a victim with BatchNorm layers that keep running statistics, and {who} {what}; "
+        f"allowed: {allowed_victims(attack) or 'a model with BatchNorm layers'}"
+    )
 
 
 def trainable_parameters(model: nn.Module) -> list[Tensor]:

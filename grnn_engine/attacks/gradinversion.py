@@ -3,7 +3,9 @@ BatchNorm statistics prior.
 
 Threat model: an honest-but-curious server that knows the model, BatchNorm running statistics included
 (they travel with the global model), and receives the gradient of a fedsgd step the client took with
-BatchNorm in train mode (victims resnet18/resnet20 with `bn_mode: train`; `update: fedsgd`). The running
+BatchNorm in train mode (victims resnet18/resnet20 with `bn_mode: train`; `update: fedsgd`). A user's own
+victim by import path is attacked too when its model has BatchNorm layers that keep running statistics (any
+torch.nn BatchNorm, 1d to 3d; checked on the built model); a model without them is refused. The running
 statistics are the global model's, i.e. those of the data it was trained on, not of the client's batch:
 the prior says "the batch's features look like the training data's", which is the paper's assumption.
 On an untrained model (fl_round 0) the running statistics are PyTorch's 0 / 1 and carry no information.
@@ -39,6 +41,8 @@ from grnn_engine.attacks.base import (
     AttackInputs,
     BestIterate,
     Reconstruction,
+    batchnorm_layers,
+    check_batchnorm,
     labels_from_gradient,
     log_iteration,
     random_start,
@@ -59,13 +63,13 @@ def absolute_total_variation(images: Tensor) -> Tensor:
 
 class BatchNormPrior:
     """Collects, during a forward pass, each BatchNorm layer's distance between the batch's input statistics
-    and the layer's running statistics (DeepInversion's R_feature). Use as a context manager."""
+    and the layer's running statistics (DeepInversion's R_feature). Use as a context manager.
+
+    Every BatchNorm that keeps running statistics counts (`batchnorm_layers`: 1d, 2d, 3d and subclasses); the
+    statistics are per channel (dim 1), over the batch and every position (all the other dims)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [
-            m for m in model.modules()
-            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
-        ]  # fmt: skip
+        self.layers = batchnorm_layers(model)
         self.terms: list[Tensor] = []
         self._handles: list[Any] = []
 
@@ -80,9 +84,11 @@ class BatchNormPrior:
 
     def _record(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        assert isinstance(module, nn.BatchNorm2d) and module.running_mean is not None and module.running_var is not None
+        dims = (0, *range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        assert module.running_mean is not None and module.running_var is not None
+        assert isinstance(module.running_mean, Tensor) and isinstance(module.running_var, Tensor)
         self.terms.append(
             torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
         )
@@ -102,7 +108,8 @@ def _check_weight(name: str, value: object) -> float:
 
 @ATTACKS.register("gradinversion")
 class GradInversion(Attack):
-    """GradInversion with the paper's settings (see the module docstring). Needs a BatchNorm victim.
+    """GradInversion with the paper's settings (see the module docstring). Needs a BatchNorm victim: resnet18,
+    resnet20, or a user's model by import path with BatchNorm layers (`requires_batchnorm`).
 
     Parameters: iterations (Adam steps), lr, grad_weight, bn_weight, tv_weight, l2_weight, langevin (noise
     scale relative to the current lr; 0 turns it off).
@@ -110,6 +117,7 @@ class GradInversion(Attack):
 
     name = "gradinversion"
     requires_victims = ("resnet20", "resnet18")
+    requires_batchnorm = True
 
     def __init__(
         self,
@@ -146,10 +154,7 @@ class GradInversion(Attack):
         params, target, generator = inputs.params, inputs.target, inputs.generator
         prior = BatchNormPrior(model)
         if not prior.layers:
-            raise ConfigError(
-                f"attack 'gradinversion' needs a victim with BatchNorm layers that keep running statistics; "
-                f"{type(model).__name__} has none"
-            )
+            check_batchnorm(model, self.name)
         labels = labels_from_gradient(model, target, batch_size=inputs.batch_size, image_shape=inputs.image_shape,
                                       generator=generator)  # fmt: skip
         x = random_start((inputs.batch_size, *inputs.image_shape), generator, like=params[0])

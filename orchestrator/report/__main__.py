@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
+from grnn_engine.cli_values import run_command
 from orchestrator.report.write import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -12,6 +12,7 @@ imports nothing but Ray: a driver can start Ray before it imports Tune and the r
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,21 @@ def _project_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
+def embedded_cpus(max_concurrent: int | None, cpu_per_trial: float, cores: int | None = None) -> int | None:
+    """The CPUs an embedded Ray needs to run `max_concurrent` trials of `cpu_per_trial` CPUs each at once:
+    ceil(N x cpu), at most this machine's `cores` (default os.cpu_count()), at least 1; None without a limit
+    (start_ray then takes every core).
+
+    Nothing else needs more while the trials run: the FL stage tasks run before them, each with one trial's
+    CPUs, so they run at most N at once too (each trains with the same threads, so the stages are the same),
+    and a pack of cells runs as one trial with one trial's CPUs. Fewer CPUs also mean fewer idle workers
+    importing the trial code as Ray starts (one per CPU)."""
+    if max_concurrent is None:
+        return None
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, math.ceil(max_concurrent * cpu_per_trial - 1e-9)))
+
+
 def start_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -47,9 +63,10 @@ def start_ray(
 ) -> bool:
     """Start (or connect to) Ray quietly; returns True when this call started it (then shut it down).
 
-    Embedded by default: `num_cpus` (default all cores), no dashboard, and with `worker_pool` one pooled worker
-    per CPU that imports the trial code as it starts (WORKER_PRELOAD; ray.init does not wait for them): pass
-    False when no Ray task will run (see stages.needs_stage_tasks). With `address` (or RAY_ADDRESS set, as
+    Embedded by default: `num_cpus` (default all cores; a sweep with a concurrency limit asks for
+    `embedded_cpus`), no dashboard, and with `worker_pool` one pooled worker per CPU that imports the trial code
+    as it starts (WORKER_PRELOAD; ray.init does not wait for them): pass False when no Ray task will run (see
+    stages.needs_stage_tasks). With `address` (or RAY_ADDRESS set, as
     inside a submitted Ray job) it connects to that cluster instead.
     """
     os.environ.update(_QUIET_ENV)

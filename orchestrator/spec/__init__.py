@@ -18,7 +18,9 @@ Expansion is the cartesian product victim x fl_round x batch_size x defense x at
 plugin entry first expands into its params' own product: a param given as a list is an axis, and to give
 one list-valued param write a list of lists (`steps: [[a, b]]`). Cells with equal `TrialSpec.key()` are
 kept once. `load_spec` also builds every distinct victim, defense and attack once, so that a bad param
-value is caught before Ray starts; `parse_spec` checks names and param names only. Everything a user can
+value is caught before Ray starts; `parse_spec` checks names and param names only, and that every attack
+can run on every victim the grid pairs it with (a user's victim by import path, whose model only its
+trials build, passes for an attack that checks the built model, such as gradinversion). Everything a user can
 get wrong is reported as a `SpecError`: one sentence naming the file, the dotted field path, the bad value
 and what is allowed; pydantic's ValidationError never escapes.
 
@@ -43,7 +45,8 @@ The package, one purpose per module (each imports only those above it):
   search.py           the search section; Study, search_applies, apply_sample (what a search does to a cell)
   sweep_spec.py       SweepSpec: the top level, its cells, studies and spec_hash
   plugins.py          plugin entries against the registries: names and params checked, every param set built
-  cross_checks.py     checks across sections: utility, pack, searched parameters against the grid
+  cross_checks.py     checks across sections: utility, pack, each attack against each victim, searched
+                      parameters against the grid
   pydantic_errors.py  a pydantic ValidationError as one sentence (a misspelt key beside a missing one first)
   loading.py          load_spec (YAML file) and parse_spec (plain data): the entry points
 """

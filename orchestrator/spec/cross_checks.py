@@ -1,13 +1,14 @@
 """Checks that span sections of a spec, which pydantic's per-section validation cannot make: utility against
-the grid's rounds, pack against the scheduler and the search, and each searched parameter against the grid
-(`check_search`, names and conflicts) and against the plugins it applies to (`build_search`, both ends of
-its range built, as load_spec does for the grid's own params).
+the grid's rounds, pack against the scheduler and the search, each attack against each victim of the grid
+(`check_attack_victims` by name, `build_attack_victims` on the built models), and each searched parameter
+against the grid (`check_search`, names and conflicts) and against the plugins it applies to (`build_search`,
+both ends of its range built, as load_spec does for the grid's own params).
 """
 
 from __future__ import annotations
 
 from grnn_engine.errors import ConfigError
-from grnn_engine.registry import did_you_mean
+from grnn_engine.registry import did_you_mean, is_import_path
 from grnn_engine.trial_spec import TrialSpec
 from orchestrator.spec.messages import SpecError, show, spec_error
 from orchestrator.spec.models import FLSpec
@@ -16,7 +17,8 @@ from orchestrator.spec.registries import VICTIM_SET_BY_SWEEP, plugin_registries
 from orchestrator.spec.search import SEARCH_TARGETS, OptunaSearch, search_applies, split_target
 from orchestrator.spec.sweep_spec import SweepSpec
 
-__all__ = ["build_search", "check_pack", "check_search", "check_utility"]
+__all__ = ["build_attack_victims", "build_search", "check_attack_victims", "check_pack", "check_search",
+           "check_utility"]
 
 
 def check_utility(spec: SweepSpec, source: str) -> None:
@@ -28,6 +30,54 @@ def check_utility(spec: SweepSpec, source: str) -> None:
         )  # fmt: skip
     if spec.utility_round is not None and not spec.utility:
         raise spec_error(source, "utility_round", "is set but utility is false", spec.utility_round, "utility: true")
+
+
+def check_attack_victims(spec: SweepSpec, source: str) -> None:
+    """The grid runs every attack on every victim, so each attack must be able to run on each victim's name
+    (the attack's `requires_victims`, as the trial checks it). A user's victim by import path passes here for
+    an attack that checks the built model (`requires_batchnorm`): its trials check it."""
+    from grnn_engine.attacks.base import allowed_victims, runs_on_victim  # the engine, on first use
+
+    for i, attack in enumerate(spec.grid.attack):
+        for j, victim in enumerate(spec.grid.victim):
+            if not runs_on_victim(attack.name, victim.name):
+                raise _pair_error(source, i, attack.name, j, victim.name, "", allowed_victims(attack.name))
+
+
+def build_attack_victims(spec: SweepSpec, source: str) -> None:
+    """For an attack that needs BatchNorm (`requires_batchnorm`), every param set of each registered victim of
+    the grid built and checked for it (e.g. resnet20 with norm: none has none); users' victims: their trials."""
+    from grnn_engine.attacks.base import ATTACKS, allowed_victims, check_batchnorm
+    from grnn_engine.victims import create_victim
+
+    needing = [
+        (i, a.name) for i, a in enumerate(spec.grid.attack) if getattr(ATTACKS.get(a.name), "requires_batchnorm", False)
+    ]  # fmt: skip
+    if not needing:
+        return
+    for j, victim in enumerate(spec.grid.victim):
+        if is_import_path(victim.name):
+            continue
+        for params in victim.variants():
+            model = create_victim(victim.name, num_classes=10, image_size=spec.data.image_size, seed=0, **params)
+            for i, attack in needing:
+                try:
+                    check_batchnorm(model, attack, victim.name)
+                except ConfigError:
+                    with_params = f" with params {show(params)}" if params else ""
+                    raise _pair_error(
+                        source, i, attack, j, victim.name, f"{with_params}, which has no BatchNorm layers that keep "
+                        "running statistics", allowed_victims(attack),
+                    ) from None  # fmt: skip
+
+
+def _pair_error(
+    source: str, i: int, attack: str, j: int, victim: str, why: str, allowed: str | None
+) -> SpecError:
+    return spec_error(
+        source, f"grid.attack[{i}]", f"attack '{attack}' cannot run on victim '{victim}' of grid.victim[{j}]{why}, "
+        "and the grid runs every attack on every victim", victim, allowed or "any victim",
+    )  # fmt: skip
 
 
 def check_search(spec: SweepSpec, source: str) -> None:

@@ -13,7 +13,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.spec.cross_checks import build_search, check_pack, check_search, check_utility
+from orchestrator.spec.cross_checks import (
+    build_attack_victims,
+    build_search,
+    check_attack_victims,
+    check_pack,
+    check_search,
+    check_utility,
+)
 from orchestrator.spec.messages import SpecError, show
 from orchestrator.spec.plugins import build_plugins, check_plugins
 from orchestrator.spec.pydantic_errors import validation_message
@@ -61,12 +68,14 @@ def load_spec(path: str | Path) -> SweepSpec:
         )
     spec = parse_spec(data, source)
     build_plugins(spec, source)
+    build_attack_victims(spec, source)
     build_search(spec, source)
     return spec
 
 
 def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
-    """Validate a spec given as plain data: types, ranges, plugin names and param names (not param values)."""
+    """Validate a spec given as plain data: types, ranges, plugin names and param names (not param values),
+    and which attacks may run on which victims by name."""
     if not isinstance(data, dict):
         raise SpecError(
             f"{source}: (top level): must be a mapping of settings (got {_kind(data)} {show(data)}; "
@@ -79,6 +88,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
         path, message = validation_message(exc, data, SweepSpec)
         raise SpecError(f"{source}: {message}", source=source, path=path) from None
     check_plugins(spec, source)
+    check_attack_victims(spec, source)
     check_utility(spec, source)
     check_search(spec, source)
     check_pack(spec, source)

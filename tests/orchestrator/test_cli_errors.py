@@ -1,9 +1,11 @@
 """The sweep, status and report command lines print an error (a bad value or a bad option) as ONE line and
 exit 2, even when the value the user gave holds a newline or another control character (shown escaped, as the
-one-trial CLI does)."""
+one-trial CLI does); and every command line, the one-trial one too, ends quietly when the reader of its output
+has gone (`... | head -1`)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -60,3 +62,26 @@ def test_a_misspelt_required_key_exits_2_naming_the_typo(tmp_path: Path) -> None
     assert done.stdout == ""
     assert done.stderr.startswith(f"error: {spec}: namex: unknown key 'namex' — did you mean 'name', "), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+PIPED = {
+    "sweep": ["orchestrator.sweep", "sweeps/quickstart.yaml", "--dry-run"],
+    "status": ["orchestrator.status", "tests/data/report_defenses"],
+    "report": ["orchestrator.report", "tests/data/report_defenses", "--out", "{out}"],
+    "trial": ["grnn_engine", "--iterations", "1", "--image-size", "16", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("command", list(PIPED))
+def test_a_reader_that_leaves_early_ends_the_command_quietly(command: str, tmp_path: Path) -> None:
+    """The read end of a real pipe is closed before the command writes (as `head -1` that has its line): its
+    print meets EPIPE, and it exits 1 with nothing on stderr, no BrokenPipeError traceback."""
+    args = [a.replace("{out}", str(tmp_path / "report")) for a in PIPED[command]]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=300)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == "", done.stderr

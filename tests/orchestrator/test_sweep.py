@@ -18,6 +18,7 @@ from grnn_engine import TrialSpec
 from orchestrator import sweep
 from orchestrator.results import load
 from orchestrator.running.execute import execute_cell
+from orchestrator.running.ray_start import embedded_cpus
 from orchestrator.running.watchdog import TrialTimeout, Watchdog
 from orchestrator.status import main as status_main
 
@@ -180,7 +181,7 @@ def test_embedded_ray_pools_workers_only_for_stage_tasks(
     spec = make_spec(tmp_path / "s.yaml", grid={"fl_round": [fl_round]})
     with pytest.raises(_RayStarted):
         sweep.run([str(spec), "--results", str(tmp_path / "r")])
-    assert asked == [{"worker_pool": pool}]
+    assert len(asked) == 1 and asked[0]["worker_pool"] is pool
 
 
 def test_submit_command_runs_the_same_sweep_on_the_cluster() -> None:
@@ -188,6 +189,48 @@ def test_submit_command_runs_the_same_sweep_on_the_cluster() -> None:
     assert cmd.startswith("python -m orchestrator.sweep sweeps/x.yaml --address auto --results ")
     assert "--retry-failed" in cmd and "--max-concurrent 3" in cmd and "--submit" not in cmd
     assert "--results /data/r" in sweep.submit_command(["x.yaml", "--results", "/data/r"])
+
+
+def test_embedded_ray_takes_the_cpus_of_the_trials_that_run_at_once() -> None:
+    assert embedded_cpus(None, 1.0, cores=16) is None  # no limit: every core
+    assert embedded_cpus(3, 1.0, cores=16) == 3
+    assert embedded_cpus(3, 2.0, cores=16) == 6
+    assert embedded_cpus(3, 0.5, cores=16) == 2  # 1.5 CPUs: Ray counts whole ones, so 2 (and 3 trials fit)
+    assert embedded_cpus(1, 0.25, cores=16) == 1
+    assert embedded_cpus(40, 1.0, cores=16) == 16  # never more than the machine has
+
+
+# Runs the sweep command as it is, and says how many CPUs its embedded Ray had just before stopping it.
+CPU_PROBE = """
+import sys, ray
+from orchestrator import sweep
+from orchestrator.running import ray_start
+stop = ray_start.stop_ray
+def tell_then_stop(started):
+    print(f"ray cpus {ray.cluster_resources().get('CPU')}", flush=True)
+    stop(started)
+ray_start.stop_ray = tell_then_stop
+sys.exit(sweep.main(sys.argv[1:]))
+"""
+
+
+def test_max_concurrent_starts_the_embedded_ray_with_the_cpus_it_needs(
+    tmp_path: Path, subprocess_env: dict, make_spec: Any, project_root: Path
+) -> None:
+    """--max-concurrent 1 with 1 CPU per trial: a 1-CPU embedded Ray (not one per core), on which the FL stage
+    tasks (fl_round 1, two chains) and then the trials all still run."""
+    spec = make_spec(tmp_path / "one.yaml", name="one", grid={"fl_round": [0, 1], "seed": 2},
+                     fl={"clients": 2, "local_epochs": 1})  # fmt: skip
+    results = tmp_path / "r"
+    proc = subprocess.run(
+        [sys.executable, "-c", CPU_PROBE, str(spec), "--results", str(results), "--max-concurrent", "1"],
+        cwd=project_root, env=subprocess_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ray cpus 1.0" in proc.stdout, proc.stdout
+    rows = load(results / "one")
+    assert len(rows) == 4 and set(rows["status"]) == {"COMPLETE"}
+    assert "FL stages ready" in proc.stdout and "2 chains trained" in proc.stdout, proc.stdout
 
 
 def test_watchdog_stops_a_trial_stuck_in_python() -> None:
