@@ -162,7 +162,8 @@ def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) ->
     images, labels, indices = select_batch(
         images_set, spec.batch_size, spec.seed, indices=spec.indices, distinct_labels=spec.distinct_labels
     )
-    # A learned prior may only see the other split: never the images the private batch comes from.
+    # A learned prior may only see the other split: never the images the private batch comes from (a batch from
+    # `all` leaves none: an attack with a prior then refuses to run, the others never ask).
     attack.bind_public_data(PublicData.disjoint_from(spec.dataset, spec.split, spec.image_size,
                                                      root=spec.data_root, download=spec.download))
     identifier = None

@@ -117,9 +117,10 @@ class Attack(ABC):
                               eval_every)  # fmt: skip
         return self._run(model, inputs)
 
-    def bind_public_data(self, public: PublicData) -> None:
-        """Where public images of the victim's domain are (a split disjoint from the attacked one), for
-        attacks with a learned prior; run_trial calls it before `reconstruct`, the others ignore it."""
+    def bind_public_data(self, public: PublicData | None) -> None:
+        """Where public images of the victim's domain are (a split disjoint from the attacked one; None when the
+        batch comes from a dataset's `all`), for attacks with a learned prior; run_trial calls it before
+        `reconstruct`, the others ignore it."""
         del public
 
     @abstractmethod

@@ -378,7 +378,7 @@ class GRNN(Attack):
         self.public_data: PublicData | None = None
         self.iterations = self.steps_per_restart * self.restarts + self.refine_iterations
 
-    def bind_public_data(self, public: PublicData) -> None:
+    def bind_public_data(self, public: PublicData | None) -> None:
         self.public_data = public
 
     def _tv_weight(self, params: Sequence[Tensor]) -> float:
@@ -403,8 +403,9 @@ class GRNN(Attack):
         if self.prior == "none":
             return None
         if self.public_data is None:
-            raise ConfigError(f"grnn prior '{self.prior}' needs public images of the victim's domain: run it "
-                              "through run_trial, or call bind_public_data first")
+            raise ConfigError(f"grnn prior '{self.prior}' needs public images of the victim's domain from a split "
+                              "disjoint from the attacked batch's: attack a batch from split train or test (split "
+                              "'all' leaves none), through run_trial or after bind_public_data")
         if self.public_data.image_size != inputs.image_shape[1]:
             raise ConfigError(f"grnn prior: public images of size {self.public_data.image_size} do not match the "
                               f"attacked images of size {inputs.image_shape[1]}")

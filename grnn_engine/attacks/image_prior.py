@@ -58,8 +58,11 @@ class PublicData:
 
     @classmethod
     def disjoint_from(cls, dataset: str, attacked_split: str, image_size: int, *, root: str | None = None,
-                      download: bool = False) -> PublicData:
-        """The public split of `dataset` when the private batch comes from `attacked_split`: the other one."""
+                      download: bool = False) -> PublicData | None:
+        """The public split of `dataset` when the private batch comes from `attacked_split`: the other one;
+        None for a batch drawn from `all` of a dataset (no split is disjoint from it)."""
+        if attacked_split == "all":
+            return None
         if attacked_split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)} (got {attacked_split!r})")
         public = next(s for s in SPLITS if s != attacked_split)

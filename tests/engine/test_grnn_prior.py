@@ -145,3 +145,20 @@ def test_prior_needs_public_data_and_a_size_it_can_fit(cache: pathlib.Path) -> N
         run_trial(_spec(image_size=64))
     with pytest.raises(ConfigError, match="prior_images 5000 is more than the"):
         run_trial(_spec(attack_params={**TINY, "prior_images": 5000}))
+
+
+def test_a_batch_from_all_of_a_dataset_runs_without_a_prior_and_the_prior_refuses_it(cache: pathlib.Path) -> None:
+    import os
+
+    shared = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    root = os.environ.get("GRNN_DATA_ROOT") or (str(shared) if shared.is_dir() else None)
+    if root is None or not (pathlib.Path(root) / "att_faces").is_dir():
+        pytest.skip("att_faces (the dataset with an `all` split) needs GRNN_DATA_ROOT")
+    spec = TrialSpec(dataset="att_faces", data_root=root, split="all", image_size=16, batch_size=2,
+                     attack="grnn", attack_params={"iterations": 3})  # fmt: skip
+    assert prepare_trial(spec).attack.public_data is None  # no split is disjoint from `all`
+    paper = run_trial(spec)
+    assert paper.status == "COMPLETE", paper.error
+    with pytest.raises(ConfigError, match="split 'all' leaves none"):
+        run_trial(TrialSpec(**{**spec.__dict__, "attack_params": {"iterations": 3, "preset": "prior"}}))
+    assert not list(cache.glob("prior-*.pt"))
