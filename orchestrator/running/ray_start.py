@@ -5,8 +5,8 @@ the sweep has FL stages to train. Pooled workers (one per CPU, importing the tri
 WORKER_PRELOAD) serve Ray tasks, i.e. the stage preparation, and nothing else: Tune gives every trial actor a
 runtime environment of its own (the environment variables it propagates), so Ray starts the trials' workers
 afresh whatever the pool holds. In a sweep without stage tasks the pool would only take CPU from the trials'
-workers while they import torch (on 2 CPUs the quickstart's first trial came ~40% later with it). This module
-imports nothing but Ray: a driver can start Ray before it imports Tune and the rest of the runner.
+workers while they import torch (on 2 loaded CPUs the quickstart's first trial came about 1.5x later with it).
+This module imports nothing but Ray: a driver can start Ray before it imports Tune and the rest of the runner.
 """
 
 from __future__ import annotations
