@@ -53,7 +53,10 @@ def test_packed_sweep_writes_one_row_per_cell_as_unpacked(packed: dict[str, Any]
         assert set(alone) <= set(row)  # the row's schema: the same keys as an unpacked trial's
         assert row["status"] == alone["status"] == "COMPLETE"
         assert list(row["labels_recovered"]) == list(alone["labels_recovered"])
-        assert row["psnr"] == pytest.approx(alone["psnr"], abs=1e-3)
+        # vmapped float32 kernels sum in another order than the one-by-one loop, and 10 optimizer steps amplify
+        # that: on this project's CI CPU one GRNN cell of five ends 1.1e-3 dB away (the others within 4e-6). A
+        # packing mistake (wrong cell, batch or weights) moves PSNR by whole dB.
+        assert row["psnr"] == pytest.approx(alone["psnr"], abs=1e-2)
         assert row["iterations"] == alone["iterations"]
         assert (packed["folder"] / "images" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
     s = packed["summary"]
