@@ -307,7 +307,8 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     from orchestrator.running import ray_start
     from orchestrator.running.stages import needs_stage_tasks, stage_cache_dir
 
-    staged = [s.cell for s in spec.studies()] if searching else todo
+    studies = spec.studies() if searching else []
+    staged = [s.cell for s in studies] if searching else todo
     max_concurrent = args.max_concurrent or spec.max_concurrent
     # An embedded Ray gets only the CPUs of the trials that may run at once (a cluster is as it is), and a
     # worker pool only when FL stage tasks will run (see ray_start).
@@ -328,7 +329,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         )  # fmt: skip
         if isinstance(spec.search, OptunaSearch):
             summary = tune_run.run_search(
-                spec.studies(), spec.search, spec.success_psnr, ledger, options, strict_resources=embedded
+                studies, spec.search, spec.success_psnr, ledger, options, strict_resources=embedded
             )
         else:
             summary = tune_run.run_cells(todo, ledger, options, strict_resources=embedded)
