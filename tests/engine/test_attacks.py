@@ -18,7 +18,8 @@ from grnn_engine.victims import VICTIMS, create_victim
 
 # Few iterations each: the contract is about shape, range and determinism, not quality.
 FAST = {"grnn": {"iterations": 6}, "dlg": {"iterations": 2, "max_iter": 3}, "idlg": {"iterations": 2, "max_iter": 3},
-        "ig": {"iterations": 6}, "imprint": {}, "gradinversion": {"iterations": 3}}
+        "ig": {"iterations": 6}, "imprint": {}, "gradinversion": {"iterations": 3},
+        "rgap": {}}
 
 
 def compatible_victim(name: str) -> str:

@@ -96,6 +96,10 @@ RESNET = {"name": "resnet20", "params": {"bn_mode": "train"}}
         # a user's model is never the malicious server's imprint model: its name alone decides
         ([{"name": "imprint"}], ["user_models:GreyNet"], "grid.attack[0]",
          "attack 'imprint' cannot run on victim 'user_models:GreyNet' of grid.victim[0]"),
+        # R-GAP inverts sigmoid convolutions without pooling: GRNN's LeNet (max-pools) is not one
+        ([{"name": "grnn"}, {"name": "rgap"}], ["lenet_zhu", "lenet"], "grid.attack[1]",
+         "attack 'rgap' cannot run on victim 'lenet' of grid.victim[1], and the grid runs every attack on "
+         "every victim (got 'lenet'; allowed: victim 'lenet_zhu')"),
     ],
 )
 def test_an_attack_on_a_victim_it_cannot_run_on_is_refused_by_name(

@@ -1,0 +1,221 @@
+"""R-GAP: Recursive Gradient Attack on Privacy (Zhu and Blaschko, ICLR 2021), the analytic single-image attack.
+
+Why this one: it is the analytic attack of the gradient-inversion literature that needs neither a
+malicious server (imprint) nor an optimiser, and it runs on the victim DLG itself was shown on
+(`lenet_zhu`: 5x5 convolutions with sigmoids, then one linear classifier): given one image's gradient it
+solves for the image layer by layer, from the classifier down, with linear least squares.
+
+Recursion, for B = 1 (the shared gradient of the loss at one image):
+- the classifier's bias gradient is dL/dlogits, g; its weight gradient is g x^T, so its input x (the last
+  hidden activation) is g^T dW / g^T g, and dL/dx is W^T g;
+- a layer below: its output a = sigmoid(z) is known from the step above, so z = logit(a) and
+  dL/dz = dL/da * a * (1 - a). Its input x satisfies two sets of linear equations: the forward pass
+  W x = z - b, and the weight gradient dW = sum over positions of dL/dz times x's patches. Stacked (each
+  block scaled to unit norm, so neither swamps the other) they are solved for x by least squares; then
+  dL/dx = W^T dL/dz, and the recursion goes on until x is the image.
+Every step is exact for an exact gradient; noise and rank deficiency (a strided convolution has fewer
+outputs than inputs, which the gradient equations make up) are absorbed by the least squares.
+
+Threat model: an honest-but-curious server with the model and one client's fedsgd gradient of one image;
+no prior, no labels needed (they come from the classifier's gradient, as iDLG). Victims: models that apply,
+in the order they define them, Conv2d (groups 1, no dilation) and Linear layers, each with a bias and, but
+for the last (a Linear), followed by a Sigmoid (nn.Flatten allowed): `lenet_zhu`. Anything else is
+refused in one line. No parameters; `iterations` is 1: one analytic pass.
+
+A batch (B > 1) breaks R-GAP's premise (each weight gradient is then a sum of B rank-one terms): the
+recursion reads the batch's gradient as one image's and its one estimate fills every slot, so a sweep over
+batch sizes shows what R-GAP recovers there (scored like any attack: a blend, far below 20 dB).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from grnn_engine.attacks.base import ATTACKS, Attack, AttackInputs, Reconstruction, labels_from_gradient
+from grnn_engine.errors import ConfigError
+
+# Basis images pushed through a layer at once when its equations are built: bounds their memory.
+_BASIS_CHUNK = 256
+# Activations are clamped into (_EDGE, 1 - _EDGE) before the logit: a noisy estimate may leave (0, 1).
+_EDGE = 1e-6
+# Tikhonov weight of the least squares, relative to the normal matrix's mean diagonal.
+_RIDGE = 1e-12
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers in definition order (Flatten dropped); ConfigError when R-GAP cannot invert them."""
+    leaves = [m for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Flatten)]
+    for m in leaves:
+        if not isinstance(m, nn.Conv2d | nn.Linear | nn.Sigmoid):
+            raise ConfigError(f"attack 'rgap' inverts Conv2d, Linear and Sigmoid layers only; "
+                              f"{type(model).__name__} has a {type(m).__name__}")
+        if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is None:
+            raise ConfigError(f"attack 'rgap' needs every Conv2d and Linear layer to have a bias; "
+                              f"{type(model).__name__} has one without")
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"):
+            raise ConfigError("attack 'rgap' needs plain convolutions (groups 1, no dilation, zero padding)")
+    kinds = ["weight" if isinstance(m, nn.Conv2d | nn.Linear) else "sigmoid" for m in leaves]
+    expected = ["weight", "sigmoid"] * (len(kinds) // 2) + ["weight"]
+    if kinds != expected or not isinstance(leaves[-1], nn.Linear):
+        raise ConfigError(f"attack 'rgap' needs layers that alternate weight layer and Sigmoid and end in a "
+                          f"Linear classifier; {type(model).__name__} does not")
+    return leaves
+
+
+def _chain_forward(layers: list[nn.Module], x: Tensor) -> Tensor:
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            x = x.flatten(1)
+        x = layer(x)
+    return x
+
+
+def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[int, int, int]) -> None:
+    """The layers, applied in definition order, must be the model: R-GAP inverts that chain."""
+    probe = torch.rand((1, *image_shape), generator=torch.Generator().manual_seed(0))
+    param = next(model.parameters())
+    probe = probe.to(param.device, param.dtype)
+    with torch.no_grad():
+        same = torch.allclose(_chain_forward(layers, probe), model(probe), rtol=1e-4, atol=1e-5)
+    if not same:
+        raise ConfigError(f"attack 'rgap' needs a model that applies its layers in the order it defines them; "
+                          f"{type(model).__name__} does not")
+
+
+def _layer_gradients(layer: nn.Module, inputs: AttackInputs) -> tuple[Tensor, Tensor]:
+    position = {id(p): i for i, p in enumerate(inputs.params)}
+    at_weight, at_bias = position.get(id(layer.weight)), position.get(id(layer.bias))
+    if at_weight is None or at_bias is None:
+        raise ConfigError("attack 'rgap' needs the gradient of every layer's weight and bias (all trainable)")
+    return inputs.target[at_weight].double(), inputs.target[at_bias].double()
+
+
+class _LayerEquations:
+    """The two linear maps of a weight layer's input x, given dL/dz `dz` (the output's shape, no batch
+    dimension), and their adjoints, all batched over x: the forward pass x -> W x (no bias), and the weight
+    gradient x -> dW. Built from convolution primitives, never as matrices."""
+
+    def __init__(self, layer: nn.Module, in_shape: tuple[int, ...], dz: Tensor) -> None:
+        self.layer, self.in_shape, self.dz = layer, in_shape, dz
+        self.weight = layer.weight.detach().double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Linear):
+            return x @ self.weight.T
+        return F.conv2d(x, self.weight, stride=self.layer.stride, padding=self.layer.padding)
+
+    def forward_adjoint(self, y: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Linear):
+            return y @ self.weight
+        return torch.nn.grad.conv2d_input((y.shape[0], *self.in_shape), self.weight, y, stride=self.layer.stride,
+                                          padding=self.layer.padding)
+
+    def gradient(self, x: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Linear):
+            return torch.einsum("o,ni->noi", self.dz, x)
+        layer = self.layer
+        patches = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (n, C*k*k, L)
+        return torch.einsum("ol,nql->noq", self.dz.flatten(1), patches).reshape(x.shape[0], *self.weight.shape)
+
+    def gradient_adjoint(self, w: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Linear):
+            return torch.einsum("o,noi->ni", self.dz, w)
+        layer = self.layer
+        patches = torch.einsum("ol,noq->nql", self.dz.flatten(1), w.flatten(2))
+        return F.fold(patches, self.in_shape[1:], layer.kernel_size, padding=layer.padding, stride=layer.stride)
+
+
+def _solve_input(layer: nn.Module, in_shape: tuple[int, ...], z: Tensor, dz: Tensor, weight_grad: Tensor) -> Tensor:
+    """The layer's input (in_shape) from its pre-activation z, dL/dz and its weight gradient: the least squares
+    of both sets of equations, each scaled to unit Frobenius norm, through its normal equations."""
+    maps = _LayerEquations(layer, in_shape, dz)
+    n = math.prod(in_shape)
+    forward_gram = torch.empty((n, n), dtype=torch.float64, device=dz.device)
+    gradient_gram = torch.empty_like(forward_gram)
+    for start in range(0, n, _BASIS_CHUNK):
+        count = min(_BASIS_CHUNK, n - start)
+        basis = torch.zeros((count, n), dtype=torch.float64, device=dz.device)
+        basis[torch.arange(count), torch.arange(start, start + count)] = 1.0
+        basis = basis.reshape(count, *in_shape)
+        forward_gram[start : start + count] = maps.forward_adjoint(maps.forward(basis)).reshape(count, n)
+        gradient_gram[start : start + count] = maps.gradient_adjoint(maps.gradient(basis)).reshape(count, n)
+    bias = layer.bias.detach().double()
+    shift = bias.view(-1, *([1] * (z.dim() - 1)))
+    rhs_forward = maps.forward_adjoint((z - shift).unsqueeze(0)).reshape(n)
+    rhs_gradient = maps.gradient_adjoint(weight_grad.unsqueeze(0)).reshape(n)
+    normal = torch.zeros_like(forward_gram)
+    rhs = torch.zeros(n, dtype=torch.float64, device=dz.device)
+    for gram, target in ((forward_gram, rhs_forward), (gradient_gram, rhs_gradient)):
+        scale = float(gram.diagonal().sum())  # the squared Frobenius norm of the block's matrix
+        if scale > 0:
+            normal += gram / scale
+            rhs += target / scale
+    # A vanishing ridge keeps a rank-deficient system (too few equations for some input) solvable.
+    normal.diagonal().add_(_RIDGE * float(normal.diagonal().mean()))
+    solution = torch.cholesky_solve(rhs.unsqueeze(1), torch.linalg.cholesky(normal))
+    return solution.reshape(in_shape)
+
+
+def _weight_layer_shapes(layers: list[nn.Module], image_shape: tuple[int, int, int]
+                         ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) without the batch dimension of every Conv2d/Linear layer of the chain."""
+    shapes, x = [], torch.zeros((1, *image_shape), dtype=torch.float64)
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            x = x.flatten(1)
+        y = _apply(layer, x)
+        if not isinstance(layer, nn.Sigmoid):
+            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
+        x = y
+    return shapes
+
+
+def _apply(layer: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(layer, nn.Sigmoid):
+        return torch.sigmoid(x)
+    weight, bias = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, stride=layer.stride, padding=layer.padding)
+
+
+@ATTACKS.register("rgap")
+class RGap(Attack):
+    """Zhu and Blaschko's R-GAP (analytic, one image; victim `lenet_zhu` or a model of that form). No parameters."""
+
+    name = "rgap"
+    requires_victims = ("lenet_zhu",)
+    analytic = True
+
+    def __init__(self) -> None:
+        self.iterations = 1
+
+    def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        layers = _layers(model)
+        _check_chain(model, layers, inputs.image_shape)
+        weights = [m for m in layers if not isinstance(m, nn.Sigmoid)]
+        shapes = _weight_layer_shapes(layers, inputs.image_shape)
+        classifier = weights[-1]
+        weight_grad, bias_grad = _layer_gradients(classifier, inputs)
+        # The classifier's input from its gradient: dW = g x^T with g = its bias gradient.
+        g = bias_grad
+        x = (g @ weight_grad) / g.dot(g).clamp(min=1e-300)
+        dx = classifier.weight.detach().double().T @ g
+        for layer, (in_shape, out_shape) in zip(reversed(weights[:-1]), reversed(shapes[:-1]), strict=True):
+            a = x.reshape(out_shape).clamp(_EDGE, 1 - _EDGE)
+            z = torch.logit(a)
+            dz = dx.reshape(out_shape) * a * (1 - a)
+            weight_grad, _ = _layer_gradients(layer, inputs)
+            x = _solve_input(layer, in_shape, z, dz, weight_grad)
+            dx = _LayerEquations(layer, in_shape, dz).forward_adjoint(dz.unsqueeze(0))[0]  # W^T dL/dz
+        param = inputs.params[0]
+        # A batch's gradient is read as one image's: the one estimate fills every slot (see the module's note).
+        images = x.reshape(1, *inputs.image_shape).expand(inputs.batch_size, -1, -1, -1)
+        images = images.to(param.device, param.dtype).contiguous()
+        labels = labels_from_gradient(model, inputs.target, batch_size=inputs.batch_size,
+                                      image_shape=inputs.image_shape, generator=inputs.generator)
+        return Reconstruction(images=images.clamp(0, 1), labels=labels.long(), history=[])
