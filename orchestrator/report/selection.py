@@ -50,6 +50,9 @@ _WEAKER_WHEN_LARGER = {"bits", "max_norm", "clip"}
 # Config columns that can tell two slices of a table apart, besides the attack, defense, batch and seed.
 _CONTEXT_BASE = ("dataset", "split", "image_size", "victim", "fl_round", "update")
 _CONTEXT_PREFIXES = ("victim.", "fl.", "update.")
+# Under `utility: true` every client trains with the cell's own defense (TrialSpec.fl["defense"]): these columns
+# repeat the row's defense setting, which every figure already keeps apart, so they never tell slices apart.
+_TRAINING_DEFENSE = ("fl.defense", "fl.defense_params")
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -142,7 +145,10 @@ def with_settings(df: pd.DataFrame) -> pd.DataFrame:
 
 def context_columns(df: pd.DataFrame) -> list[str]:
     """The config columns of `df` that can tell two slices apart (dataset, victim, fl_round, victim.*, ...)."""
-    prefixed = sorted(c for c in df.columns if isinstance(c, str) and c.startswith(_CONTEXT_PREFIXES))
+    prefixed = sorted(
+        c for c in df.columns
+        if isinstance(c, str) and c.startswith(_CONTEXT_PREFIXES) and not c.startswith(_TRAINING_DEFENSE)
+    )  # fmt: skip
     return [c for c in _CONTEXT_BASE if c in df.columns] + prefixed
 
 

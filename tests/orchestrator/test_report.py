@@ -239,6 +239,19 @@ def test_privacy_utility_figure_only_with_utility(defenses_df: pd.DataFrame) -> 
     assert "PSNR" in fig.axes[0].get_xlabel() and "accuracy" in fig.axes[0].get_ylabel()
 
 
+def test_privacy_utility_of_a_real_utility_sweep_plots_every_defense_setting() -> None:
+    """A real `utility: true` ledger (results/defenses_cpu_utility, 16 defense settings): its rows carry the
+    training defense in fl.defense / fl.defense_params, which repeat the defense setting and must not count as
+    an axis the figure would pool."""
+    df = load(Path(__file__).resolve().parents[2] / "results" / "defenses_cpu_utility")
+    assert df["fl.defense"].nunique() == 8
+    values = report.privacy_utility_values(df)
+    assert len(values) == 16 and values.index[0] == "none"
+    by_setting = report.with_settings(df).set_index("defense_setting")
+    assert values["utility"].to_dict() == pytest.approx(by_setting.loc[values.index, "utility_acc"].to_dict())
+    report.privacy_utility_figure(df)
+
+
 def test_gallery_uses_the_trial_images(defenses_df: pd.DataFrame, tmp_path: Path) -> None:
     fig = report.gallery_figure(DEFENSES, defenses_df)
     titles = [ax.get_title() for ax in fig.axes]
