@@ -72,6 +72,10 @@ class TrialResult:
     # Test accuracy of the stage trained with the trial's defense applied by every client (a sweep's
     # `utility: true`): what the defense costs the federation. None when not measured.
     utility_acc: float | None = None
+    # (epsilon, delta) of that training when the defense was DP-SGD (dp_sgd under utility): the privacy it
+    # bought at that accuracy. None otherwise.
+    utility_dp_epsilon: float | None = None
+    utility_dp_delta: float | None = None
     wall_s: float = 0.0
     attack_s: float = 0.0
     iterations: int = 0
@@ -119,6 +123,8 @@ class TrialResult:
                 "model_acc": self.model_acc,
                 "model_loss": self.model_loss,
                 "utility_acc": self.utility_acc,
+                "utility_dp_epsilon": self.utility_dp_epsilon,
+                "utility_dp_delta": self.utility_dp_delta,
                 "wall_s": self.wall_s,
                 "s_per_iter": self.s_per_iter,
                 "iterations": self.iterations,

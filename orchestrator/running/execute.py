@@ -77,12 +77,13 @@ def execute_cell(
             raise TrialTimeout
 
     def attempt() -> TrialResult:
+        nonlocal context
         try:
             if load_stage is not None:
                 loaded = load_stage()
-                context.stage, context.utility_acc = loaded.stage, loaded.utility_acc
+                context = loaded
             result = run_trial(spec, stage_state=context.stage, progress=progress)
-            result.utility_acc = context.utility_acc
+            context.annotate(result)
             return result
         except Exception as err:  # noqa: BLE001  (any trial error becomes a FAILED row; the sweep goes on)
             if is_oom(err):
@@ -94,7 +95,7 @@ def execute_cell(
             failed = TrialResult.failed(
                 spec, error_type=error_type, error=message[:2000], wall_s=time.perf_counter() - start
             )
-            failed.utility_acc = context.utility_acc
+            context.annotate(failed)
             return failed
 
     # The watchdog's one asynchronous TrialTimeout can land anywhere below, even inside stop() or an

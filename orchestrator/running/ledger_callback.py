@@ -19,6 +19,7 @@ from ray import tune
 from grnn_engine import TrialResult, TrialSpec
 from orchestrator.progress import Progress
 from orchestrator.running.scoring import finite
+from orchestrator.running.stages import UTILITY_FIELDS
 
 if TYPE_CHECKING:
     from orchestrator.results import Ledger
@@ -115,7 +116,7 @@ class LedgerCallback(tune.Callback):
         if not result.get("final"):
             if self.scheduler is not None and "iteration" in result:
                 entry = {k: float(result[k]) for k in ("iteration", "grad_loss", "psnr") if finite(result.get(k))}
-                entry.update({k: result[k] for k in ("model_acc", "model_loss", "utility_acc") if finite(result.get(k))})
+                entry.update({k: result[k] for k in ("model_acc", "model_loss", *UTILITY_FIELDS) if finite(result.get(k))})
                 self.history.setdefault(trial.config["trial_key"], []).append(entry)
             return
         # Popped so that Tune's experiment state does not keep every row and image in memory and on disk.
@@ -135,7 +136,8 @@ class LedgerCallback(tune.Callback):
         result = TrialResult(
             spec=spec, status="COMPLETE",
             metrics={"psnr": psnr, "success": bool(psnr >= spec.success_psnr) if psnr is not None else None},
-            model_acc=last.get("model_acc"), model_loss=last.get("model_loss"), utility_acc=last.get("utility_acc"),
+            model_acc=last.get("model_acc"), model_loss=last.get("model_loss"),
+            **{name: last.get(name) for name in UTILITY_FIELDS},
             wall_s=elapsed, attack_s=elapsed, iterations=at,
             history=[{k: v for k, v in h.items() if k in ("iteration", "grad_loss", "psnr")} for h in history],
         )  # fmt: skip

@@ -115,7 +115,7 @@ def run_pack(
             contexts = [stages.load(spec) if stages is not None else StageContext() for spec in specs]
             results = run_trials_batched(specs, stage_states=[c.stage for c in contexts])
             for result, context in zip(results, contexts, strict=True):
-                result.utility_acc = context.utility_acc
+                context.annotate(result)
         finally:
             if watchdog is not None:
                 watchdog.stop()

@@ -22,10 +22,12 @@ from typing import Any, cast
 
 import ray
 
-from grnn_engine import TrialSpec
+from grnn_engine import TrialResult, TrialSpec
 
 STAGES_DIR = ".stages"  # the stage cache under a results root (unless $GRNN_CACHE_DIR says otherwise)
-STAGE_FETCH_TIMEOUT_S = 120.0  # a trial's wait for its stage object before it loads or trains it itself
+STAGE_FETCH_TIMEOUT_S = 120.0
+# What a trial's row says about the training under its defense (utility: true), besides the attack.
+UTILITY_FIELDS = ("utility_acc", "utility_dp_epsilon", "utility_dp_delta")  # a trial's wait for its stage object before it loads or trains it itself
 
 
 class StageFailed(Exception):
@@ -38,18 +40,29 @@ class StageContext:
 
     stage: dict[str, Any] | None = None
     utility_acc: float | None = None
+    # The (epsilon, delta) of DP-SGD training that utility_acc is the accuracy of (a dp_sgd defense under
+    # utility: true); None for any other defense.
+    utility_dp_epsilon: float | None = None
+    utility_dp_delta: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        """The stage's finite model_acc/model_loss and the utility accuracy, for the trial's reports."""
+        """The stage's finite model_acc/model_loss and the utility figures, for the trial's reports."""
         out = {}
         if self.stage is not None:
             for name in ("model_acc", "model_loss"):
                 value = self.stage.get(name)
                 if isinstance(value, int | float) and math.isfinite(value):
                     out[name] = float(value)
-        if self.utility_acc is not None:
-            out["utility_acc"] = float(self.utility_acc)
+        for name in UTILITY_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value)
         return out
+
+    def annotate(self, result: TrialResult) -> None:
+        """Give the trial's result (complete or failed) the utility figures of its defense's training."""
+        for name in UTILITY_FIELDS:
+            setattr(result, name, getattr(self, name))
 
 
 def stage_id(chain: str, fl_round: int) -> str:
@@ -62,7 +75,8 @@ class StagePlan:
     """The trained stages of a sweep, handed to every trial (pickled with the trainable; refs stay refs).
 
     refs: "<chain key>:<round>" -> object ref of the stage dict (state_dict, model_acc, ...), driver-owned;
-    accuracy: the same ids -> the stage's test accuracy (utility lookups need no fetch); errors: chain key
+    accuracy: the same ids -> the stage's test accuracy (utility lookups need no fetch); privacy: the same ids
+    -> (epsilon, delta) of a stage trained with DP-SGD; errors: chain key
     -> (exception type, message) of a chain that failed; trained/cached: chain keys that were trained now /
     found complete in the cache (a chain needed at round 0 only has no task: its trials build the stage).
     """
@@ -71,6 +85,7 @@ class StagePlan:
     utility_round: int | None = None
     refs: dict[str, Any] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
+    privacy: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     errors: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     trained: list[str] = dataclasses.field(default_factory=list)
     cached: list[str] = dataclasses.field(default_factory=list)
@@ -110,18 +125,27 @@ class StagePlan:
                 stage = round_zero_stage(spec, self.cache_dir)
             except Exception:  # noqa: BLE001  (the trial runs on the model run_trial builds)
                 stage = None
-        utility = None
+        context = StageContext(stage=stage)
         if self.utility_round is not None and "defense" in spec.fl:
-            utility = self.accuracy.get(stage_id(chain, self.utility_round))
-            if utility is None:
-                at = dataclasses.replace(spec, fl_round=self.utility_round)
-                utility = float(fl.stage_for_trial(at, self.cache_dir)["model_acc"])
-        return StageContext(stage=stage, utility_acc=utility)
+            at_id = stage_id(chain, self.utility_round)
+            context.utility_acc, privacy = self.accuracy.get(at_id), self.privacy.get(at_id)
+            if context.utility_acc is None:
+                at = fl.stage_for_trial(dataclasses.replace(spec, fl_round=self.utility_round), self.cache_dir)
+                context.utility_acc, privacy = float(at["model_acc"]), stage_privacy(at)
+            if privacy is not None:
+                context.utility_dp_epsilon, context.utility_dp_delta = privacy
+        return context
 
 
 # The test split last decoded in this worker process (data identity -> ImageSet, whose images decode once):
 # the round-0 trials of one dataset that a reused worker runs one after another share it.
 _test_split: dict[tuple[str, str | None, int], Any] = {}
+
+
+def stage_privacy(stage: dict[str, Any]) -> tuple[float, float] | None:
+    """(epsilon, delta) of a stage trained with DP-SGD (grnn_engine.fl records them), else None."""
+    epsilon, delta = stage.get("dp_epsilon"), stage.get("dp_delta")
+    return (float(epsilon), float(delta)) if epsilon is not None and delta is not None else None
 
 
 def round_zero_stage(spec: TrialSpec, cache_dir: str | None) -> dict[str, Any]:
@@ -169,6 +193,7 @@ def _train_chains(requests: list[Any], cache_dir: str | None, cpu: float, gpu: f
             "trained": fl.chains_trained > before and request.rounds != (0,),
             "cached": was_cached,
             "accuracy": {int(r): float(s["model_acc"]) for r, s in stages.items()},
+            "privacy": {int(r): stage_privacy(s) for r, s in stages.items() if stage_privacy(s) is not None},
         }
         for request, was_cached, stages in zip(requests, cached, chains, strict=True)
     ]
@@ -289,6 +314,8 @@ def prepare_stages(
                     plan.refs[stage_id(chain, r)] = owned
             for r, acc in summary["accuracy"].items():
                 plan.accuracy[stage_id(chain, r)] = acc
+            for r, privacy in summary["privacy"].items():
+                plan.privacy[stage_id(chain, r)] = privacy
     if log:
         log(
             f"FL stages ready in {time.monotonic() - start:.1f} s: {len(plan.trained)} chains trained, "

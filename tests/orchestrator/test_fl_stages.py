@@ -8,6 +8,7 @@ most tests; its FL settings are small enough to train 20 rounds in seconds and s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,27 @@ def test_utility_round_of_a_defended_cell_needs_a_stage_task() -> None:
     assert not needs_stage_tasks([plain, defended])  # no utility asked: round 0 is the trials' own
     assert not needs_stage_tasks([plain], utility_round=3)  # utility is measured only under a defense
     assert needs_stage_tasks([plain, defended], utility_round=3)
+
+
+def test_a_dp_sgd_utility_row_carries_the_epsilon_its_accuracy_was_bought_with(
+    tmp_path: Path, ray_session: None, make_spec: Any
+) -> None:
+    """Under `utility: true` a dp_sgd cell's chain trains with DP-SGD: its rows carry that training's (epsilon,
+    delta) at utility_round, the values the stage itself records; a cell of any other defense carries none."""
+    dp = {"name": "dp_sgd", "params": {"clip": 1.0, "sigma": 1.0}}
+    spec = make_spec(
+        tmp_path / "dp.yaml", name="dp", fl=FAST_FL, utility=True, utility_round=2,
+        grid={"fl_round": [0], "defense": ["none", dp],
+              "attack": [{"name": "grnn", "params": {"iterations": 3}, "eval_every": 3}], "seed": [0]},
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        sweep.run([str(spec), "--results", str(tmp_path / "results")])
+    df = load(tmp_path / "results" / "dp").set_index("defense")
+    assert (df["status"] == "COMPLETE").all(), df[["status", "error"]]
+    private = next(c for c in load_spec(spec).cells() if c.defense == "dp_sgd")
+    stage = fl.stage_for_trial(dataclasses.replace(private, fl_round=2), tmp_path / "results" / STAGES_DIR)
+    assert stage["dp_epsilon"] > 0
+    assert df.loc["dp_sgd", "utility_dp_epsilon"] == pytest.approx(stage["dp_epsilon"])
+    assert df.loc["dp_sgd", "utility_dp_delta"] == pytest.approx(stage["dp_delta"])
+    assert df.loc["dp_sgd", "utility_acc"] == pytest.approx(stage["model_acc"])
+    assert df.loc["none", ["utility_dp_epsilon", "utility_dp_delta"]].isna().all()
