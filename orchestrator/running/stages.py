@@ -25,9 +25,9 @@ import ray
 from grnn_engine import TrialResult, TrialSpec
 
 STAGES_DIR = ".stages"  # the stage cache under a results root (unless $GRNN_CACHE_DIR says otherwise)
-STAGE_FETCH_TIMEOUT_S = 120.0
+STAGE_FETCH_TIMEOUT_S = 120.0  # a trial's wait for its stage object before it loads or trains it itself
 # What a trial's row says about the training under its defense (utility: true), besides the attack.
-UTILITY_FIELDS = ("utility_acc", "utility_dp_epsilon", "utility_dp_delta")  # a trial's wait for its stage object before it loads or trains it itself
+UTILITY_FIELDS = ("utility_acc", "utility_dp_epsilon", "utility_dp_delta")
 
 
 class StageFailed(Exception):
