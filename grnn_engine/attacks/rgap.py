@@ -44,6 +44,9 @@ _BASIS_CHUNK = 256
 _EDGE = 1e-6
 # Tikhonov weight of the least squares, relative to the normal matrix's mean diagonal.
 _RIDGE = 1e-12
+# Each layer's input is solved from n x n float64 normal equations (three such matrices live at once): 12288
+# values (a 3x64x64 image) take 3.6 GB, beyond which a trial would exhaust a worker's memory.
+MAX_LAYER_INPUT = 12288
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
@@ -199,6 +202,11 @@ class RGap(Attack):
         _check_chain(model, layers, inputs.image_shape)
         weights = [m for m in layers if not isinstance(m, nn.Sigmoid)]
         shapes = _weight_layer_shapes(layers, inputs.image_shape)
+        largest = max(math.prod(in_shape) for in_shape, _ in shapes[:-1]) if len(shapes) > 1 else 0
+        if largest > MAX_LAYER_INPUT:
+            raise ConfigError(f"attack 'rgap' solves each layer's input by an n x n system; a layer of "
+                              f"{type(model).__name__} has n = {largest} inputs at image shape {inputs.image_shape}; "
+                              f"allowed: at most {MAX_LAYER_INPUT} (3x64x64 images)")
         classifier = weights[-1]
         weight_grad, bias_grad = _layer_gradients(classifier, inputs)
         # The classifier's input from its gradient: dW = g x^T with g = its bias gradient.

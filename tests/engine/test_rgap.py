@@ -91,3 +91,12 @@ def test_a_model_rgap_cannot_invert_is_a_one_line_config_error(model: nn.Module,
     with pytest.raises(ConfigError, match=message) as err:
         reconstruct(model, images, torch.tensor([3]))
     assert "\n" not in str(err.value)
+
+
+def test_an_input_too_large_to_solve_is_refused_before_any_matrix_is_built() -> None:
+    """lenet_zhu on 3x96x96 images: its first layer's input has 27648 values, whose normal equations would need
+    18 GB; the attack says so in one line instead of exhausting the worker."""
+    model = create_victim("lenet_zhu", num_classes=10, image_size=96, seed=0)
+    images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"n = 27648 inputs at image shape \(3, 96, 96\); allowed: at most 12288"):
+        reconstruct(model, images, torch.tensor([3]))
