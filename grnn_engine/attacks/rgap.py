@@ -69,24 +69,26 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return leaves
 
 
-def _chain_forward(layers: list[nn.Module], x: Tensor) -> Tensor:
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            x = x.flatten(1)
-        x = layer(x)
-    return x
-
-
-def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[int, int, int]) -> None:
-    """The layers, applied in definition order, must be the model: R-GAP inverts that chain."""
-    probe = torch.rand((1, *image_shape), generator=torch.Generator().manual_seed(0))
+def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[int, int, int]
+                 ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The layers, applied in definition order, must be the model: R-GAP inverts that chain. Returns the
+    (input shape, output shape), without the batch dimension, of every Conv2d/Linear layer of it."""
     param = next(model.parameters())
-    probe = probe.to(param.device, param.dtype)
+    probe = torch.rand((1, *image_shape), generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    shapes, x = [], probe
     with torch.no_grad():
-        same = torch.allclose(_chain_forward(layers, probe), model(probe), rtol=1e-4, atol=1e-5)
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                x = x.flatten(1)
+            y = layer(x)
+            if not isinstance(layer, nn.Sigmoid):
+                shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
+            x = y
+        same = torch.allclose(x, model(probe), rtol=1e-4, atol=1e-5)
     if not same:
         raise ConfigError(f"attack 'rgap' needs a model that applies its layers in the order it defines them; "
                           f"{type(model).__name__} does not")
+    return shapes
 
 
 def _layer_gradients(layer: nn.Module, inputs: AttackInputs) -> tuple[Tensor, Tensor]:
@@ -132,10 +134,10 @@ class _LayerEquations:
         return F.fold(patches, self.in_shape[1:], layer.kernel_size, padding=layer.padding, stride=layer.stride)
 
 
-def _solve_input(layer: nn.Module, in_shape: tuple[int, ...], z: Tensor, dz: Tensor, weight_grad: Tensor) -> Tensor:
-    """The layer's input (in_shape) from its pre-activation z, dL/dz and its weight gradient: the least squares
-    of both sets of equations, each scaled to unit Frobenius norm, through its normal equations."""
-    maps = _LayerEquations(layer, in_shape, dz)
+def _solve_input(maps: _LayerEquations, z: Tensor, weight_grad: Tensor) -> Tensor:
+    """The layer's input from its pre-activation z and its weight gradient (dL/dz is in `maps`): the least
+    squares of both sets of equations, each scaled to unit Frobenius norm, through its normal equations."""
+    in_shape, dz = maps.in_shape, maps.dz
     n = math.prod(in_shape)
     forward_gram = torch.empty((n, n), dtype=torch.float64, device=dz.device)
     gradient_gram = torch.empty_like(forward_gram)
@@ -146,7 +148,7 @@ def _solve_input(layer: nn.Module, in_shape: tuple[int, ...], z: Tensor, dz: Ten
         basis = basis.reshape(count, *in_shape)
         forward_gram[start : start + count] = maps.forward_adjoint(maps.forward(basis)).reshape(count, n)
         gradient_gram[start : start + count] = maps.gradient_adjoint(maps.gradient(basis)).reshape(count, n)
-    bias = layer.bias.detach().double()
+    bias = maps.layer.bias.detach().double()
     shift = bias.view(-1, *([1] * (z.dim() - 1)))
     rhs_forward = maps.forward_adjoint((z - shift).unsqueeze(0)).reshape(n)
     rhs_gradient = maps.gradient_adjoint(weight_grad.unsqueeze(0)).reshape(n)
@@ -163,29 +165,6 @@ def _solve_input(layer: nn.Module, in_shape: tuple[int, ...], z: Tensor, dz: Ten
     return solution.reshape(in_shape)
 
 
-def _weight_layer_shapes(layers: list[nn.Module], image_shape: tuple[int, int, int]
-                         ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(input shape, output shape) without the batch dimension of every Conv2d/Linear layer of the chain."""
-    shapes, x = [], torch.zeros((1, *image_shape), dtype=torch.float64)
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            x = x.flatten(1)
-        y = _apply(layer, x)
-        if not isinstance(layer, nn.Sigmoid):
-            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
-        x = y
-    return shapes
-
-
-def _apply(layer: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(layer, nn.Sigmoid):
-        return torch.sigmoid(x)
-    weight, bias = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, weight, bias)
-    return F.conv2d(x, weight, bias, stride=layer.stride, padding=layer.padding)
-
-
 @ATTACKS.register("rgap")
 class RGap(Attack):
     """Zhu and Blaschko's R-GAP (analytic, one image; victim `lenet_zhu` or a model of that form). No parameters."""
@@ -199,9 +178,8 @@ class RGap(Attack):
 
     def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
         layers = _layers(model)
-        _check_chain(model, layers, inputs.image_shape)
+        shapes = _check_chain(model, layers, inputs.image_shape)
         weights = [m for m in layers if not isinstance(m, nn.Sigmoid)]
-        shapes = _weight_layer_shapes(layers, inputs.image_shape)
         largest = max(math.prod(in_shape) for in_shape, _ in shapes[:-1]) if len(shapes) > 1 else 0
         if largest > MAX_LAYER_INPUT:
             raise ConfigError(f"attack 'rgap' solves each layer's input by an n x n system; a layer of "
@@ -218,8 +196,9 @@ class RGap(Attack):
             z = torch.logit(a)
             dz = dx.reshape(out_shape) * a * (1 - a)
             weight_grad, _ = _layer_gradients(layer, inputs)
-            x = _solve_input(layer, in_shape, z, dz, weight_grad)
-            dx = _LayerEquations(layer, in_shape, dz).forward_adjoint(dz.unsqueeze(0))[0]  # W^T dL/dz
+            maps = _LayerEquations(layer, in_shape, dz)
+            x = _solve_input(maps, z, weight_grad)
+            dx = maps.forward_adjoint(dz.unsqueeze(0))[0]  # W^T dL/dz
         param = inputs.params[0]
         # A batch's gradient is read as one image's: the one estimate fills every slot (see the module's note).
         images = x.reshape(1, *inputs.image_shape).expand(inputs.batch_size, -1, -1, -1)

@@ -193,7 +193,7 @@ def _train_chains(requests: list[Any], cache_dir: str | None, cpu: float, gpu: f
             "trained": fl.chains_trained > before and request.rounds != (0,),
             "cached": was_cached,
             "accuracy": {int(r): float(s["model_acc"]) for r, s in stages.items()},
-            "privacy": {int(r): stage_privacy(s) for r, s in stages.items() if stage_privacy(s) is not None},
+            "privacy": {int(r): p for r, s in stages.items() if (p := stage_privacy(s)) is not None},
         }
         for request, was_cached, stages in zip(requests, cached, chains, strict=True)
     ]
