@@ -30,10 +30,12 @@ batch sizes shows what R-GAP recovers there (scored like any attack: a blend, fa
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.grad import conv2d_input
 
 from grnn_engine.attacks.base import ATTACKS, Attack, AttackInputs, Reconstruction, labels_from_gradient
 from grnn_engine.errors import ConfigError
@@ -59,8 +61,10 @@ def _layers(model: nn.Module) -> list[nn.Module]:
         if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is None:
             raise ConfigError(f"attack 'rgap' needs every Conv2d and Linear layer to have a bias; "
                               f"{type(model).__name__} has one without")
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"):
-            raise ConfigError("attack 'rgap' needs plain convolutions (groups 1, no dilation, zero padding)")
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"
+                                         or isinstance(m.padding, str)):
+            raise ConfigError("attack 'rgap' needs plain convolutions (groups 1, no dilation, zero padding given in "
+                              "pixels)")
     kinds = ["weight" if isinstance(m, nn.Conv2d | nn.Linear) else "sigmoid" for m in leaves]
     expected = ["weight", "sigmoid"] * (len(kinds) // 2) + ["weight"]
     if kinds != expected or not isinstance(leaves[-1], nn.Linear):
@@ -91,7 +95,7 @@ def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[i
     return shapes
 
 
-def _layer_gradients(layer: nn.Module, inputs: AttackInputs) -> tuple[Tensor, Tensor]:
+def _layer_gradients(layer: nn.Conv2d | nn.Linear, inputs: AttackInputs) -> tuple[Tensor, Tensor]:
     position = {id(p): i for i, p in enumerate(inputs.params)}
     at_weight, at_bias = position.get(id(layer.weight)), position.get(id(layer.bias))
     if at_weight is None or at_bias is None:
@@ -104,34 +108,36 @@ class _LayerEquations:
     dimension), and their adjoints, all batched over x: the forward pass x -> W x (no bias), and the weight
     gradient x -> dW. Built from convolution primitives, never as matrices."""
 
-    def __init__(self, layer: nn.Module, in_shape: tuple[int, ...], dz: Tensor) -> None:
-        self.layer, self.in_shape, self.dz = layer, in_shape, dz
+    def __init__(self, layer: nn.Conv2d | nn.Linear, in_shape: tuple[int, ...], dz: Tensor) -> None:
+        self.in_shape, self.dz = in_shape, dz
         self.weight = layer.weight.detach().double()
+        self.bias = cast(Tensor, layer.bias).detach().double()  # `_layers` refuses a layer without one
+        self.linear = isinstance(layer, nn.Linear)
+        if isinstance(layer, nn.Conv2d):  # its geometry; padding is numbers (`_layers` refuses "same"/"valid")
+            self.kernel, self.stride = layer.kernel_size, layer.stride
+            self.padding = cast(tuple[int, ...], layer.padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.layer, nn.Linear):
+        if self.linear:
             return x @ self.weight.T
-        return F.conv2d(x, self.weight, stride=self.layer.stride, padding=self.layer.padding)
+        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
 
     def forward_adjoint(self, y: Tensor) -> Tensor:
-        if isinstance(self.layer, nn.Linear):
+        if self.linear:
             return y @ self.weight
-        return torch.nn.grad.conv2d_input((y.shape[0], *self.in_shape), self.weight, y, stride=self.layer.stride,
-                                          padding=self.layer.padding)
+        return conv2d_input((y.shape[0], *self.in_shape), self.weight, y, stride=self.stride, padding=self.padding)
 
     def gradient(self, x: Tensor) -> Tensor:
-        if isinstance(self.layer, nn.Linear):
+        if self.linear:
             return torch.einsum("o,ni->noi", self.dz, x)
-        layer = self.layer
-        patches = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (n, C*k*k, L)
+        patches = F.unfold(x, self.kernel, padding=self.padding, stride=self.stride)  # (n, C*k*k, L)
         return torch.einsum("ol,nql->noq", self.dz.flatten(1), patches).reshape(x.shape[0], *self.weight.shape)
 
     def gradient_adjoint(self, w: Tensor) -> Tensor:
-        if isinstance(self.layer, nn.Linear):
+        if self.linear:
             return torch.einsum("o,noi->ni", self.dz, w)
-        layer = self.layer
         patches = torch.einsum("ol,noq->nql", self.dz.flatten(1), w.flatten(2))
-        return F.fold(patches, self.in_shape[1:], layer.kernel_size, padding=layer.padding, stride=layer.stride)
+        return F.fold(patches, self.in_shape[1:], self.kernel, padding=self.padding, stride=self.stride)
 
 
 def _solve_input(maps: _LayerEquations, z: Tensor, weight_grad: Tensor) -> Tensor:
@@ -148,8 +154,7 @@ def _solve_input(maps: _LayerEquations, z: Tensor, weight_grad: Tensor) -> Tenso
         basis = basis.reshape(count, *in_shape)
         forward_gram[start : start + count] = maps.forward_adjoint(maps.forward(basis)).reshape(count, n)
         gradient_gram[start : start + count] = maps.gradient_adjoint(maps.gradient(basis)).reshape(count, n)
-    bias = maps.layer.bias.detach().double()
-    shift = bias.view(-1, *([1] * (z.dim() - 1)))
+    shift = maps.bias.view(-1, *([1] * (z.dim() - 1)))
     rhs_forward = maps.forward_adjoint((z - shift).unsqueeze(0)).reshape(n)
     rhs_gradient = maps.gradient_adjoint(weight_grad.unsqueeze(0)).reshape(n)
     normal = torch.zeros_like(forward_gram)
@@ -179,7 +184,7 @@ class RGap(Attack):
     def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
         layers = _layers(model)
         shapes = _check_chain(model, layers, inputs.image_shape)
-        weights = [m for m in layers if not isinstance(m, nn.Sigmoid)]
+        weights = [m for m in layers if isinstance(m, nn.Conv2d | nn.Linear)]
         largest = max(math.prod(in_shape) for in_shape, _ in shapes[:-1]) if len(shapes) > 1 else 0
         if largest > MAX_LAYER_INPUT:
             raise ConfigError(f"attack 'rgap' solves each layer's input by an n x n system; a layer of "

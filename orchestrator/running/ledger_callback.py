@@ -136,8 +136,8 @@ class LedgerCallback(tune.Callback):
         result = TrialResult(
             spec=spec, status="COMPLETE",
             metrics={"psnr": psnr, "success": bool(psnr >= spec.success_psnr) if psnr is not None else None},
-            model_acc=last.get("model_acc"), model_loss=last.get("model_loss"),
-            **{name: last.get(name) for name in UTILITY_FIELDS},
+            model_acc=last.get("model_acc"), model_loss=last.get("model_loss"), utility_acc=last.get("utility_acc"),
+            utility_dp_epsilon=last.get("utility_dp_epsilon"), utility_dp_delta=last.get("utility_dp_delta"),
             wall_s=elapsed, attack_s=elapsed, iterations=at,
             history=[{k: v for k, v in h.items() if k in ("iteration", "grad_loss", "psnr")} for h in history],
         )  # fmt: skip
