@@ -85,6 +85,24 @@ def pending_cells(cells: list[TrialSpec], statuses: dict[str, str], retry_failed
     return [c for c in cells if statuses.get(c.key()) not in skip]
 
 
+def grows(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec]) -> bool:
+    """Whether `spec` (a grid, expanded to `cells`) grows the sweep of `ledger`: the spec it recorded differs
+    from `spec` in the grid only, and every result in it is one of `cells` (axes gained values, none lost).
+
+    Settings outside the grid (utility_round, scheduler, ...) shape rows without entering their keys, so a
+    change there is not growth even when the keys still match."""
+    if not ledger.spec_path.is_file():
+        return False
+    try:
+        recorded = load_spec(ledger.spec_path)
+    except GrnnError:  # written by an older schema, or edited by hand: not a spec this one can extend
+        return False
+    if spec.model_copy(update={"grid": recorded.grid}).spec_hash() != ledger.spec_hash():
+        return False
+    keys = {cell.key() for cell in cells}
+    return all(key in keys for key in ledger.statuses())
+
+
 def search_pending(spec: SweepSpec, ledger: Ledger, retry_failed: bool) -> int:
     """Trials a search has still to run: each study's num_samples minus its trials in the ledger (failed ones
     not counted with --retry-failed)."""
@@ -227,6 +245,10 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     trials = spec.trial_count()
     ledger = Ledger(results_root(args.results) / spec.name, sweep=spec.name)
     same_spec = ledger.spec_hash() in (None, spec.spec_hash())
+    # A grid spec that only adds cells (more seeds, batch sizes, defenses ...) continues its folder: every result
+    # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml.
+    grown = not same_spec and not searching and not args.fresh and grows(ledger, spec, cells)
+    same_spec = same_spec or grown
 
     if args.dry_run:
         if searching:
@@ -270,8 +292,11 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     if not same_spec and not args.fresh:
         raise UsageError(
             f"{ledger.spec_path} was written by a different spec (hash {ledger.spec_hash()}, this one "
-            f"{spec.spec_hash()}); pass --fresh to move the old results aside, or give the sweep a new name"
+            f"{spec.spec_hash()}; a grid may only gain values); pass --fresh to move the old results aside, or "
+            f"give the sweep a new name"
         )
+    if grown:
+        print(f"the spec of {ledger.folder} grew: its {len(ledger.statuses())} results are cells of this spec and stay")
     if args.fresh and ledger.folder.exists():
         moved = move_aside(ledger.folder)
         print(f"--fresh: moved the previous results to {moved}")

@@ -16,10 +16,11 @@ import pytest
 
 from grnn_engine import TrialSpec
 from orchestrator import sweep
-from orchestrator.results import load
+from orchestrator.results import Ledger, load
 from orchestrator.running.execute import execute_cell
 from orchestrator.running.ray_start import embedded_cpus
 from orchestrator.running.watchdog import TrialTimeout, Watchdog
+from orchestrator.spec import load_spec
 from orchestrator.status import main as status_main
 
 TIMEOUT_S = 45  # generous: a loaded CI machine must not time out the 10-iteration trial
@@ -103,6 +104,33 @@ def test_changed_spec_is_refused(
     err = capsys.readouterr().err
     assert "different spec" in err and "--fresh" in err and err.count("\n") == 1
     assert sorted(p.name for p in (mixed["folder"] / "parts").iterdir()) == before
+
+
+def test_a_grown_grid_keeps_its_results_and_runs_only_its_new_cells(
+    tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str], make_spec: Any
+) -> None:
+    results = tmp_path / "results"
+    first = make_spec(tmp_path / "first.yaml", name="grow", grid={"seed": [0]})
+    assert sweep.run([str(first), "--results", str(results)]).ran == 1
+    [part] = (results / "grow" / "parts").glob("*.parquet")
+    written = part.stat().st_mtime_ns
+
+    grown = make_spec(tmp_path / "grown.yaml", name="grow", grid={"seed": [0, 1]})
+    summary = sweep.run([str(grown), "--results", str(results)])
+    assert summary is not None and summary.ran == 1  # seed 1 only
+    assert part.stat().st_mtime_ns == written
+    assert sorted(load(results / "grow")["seed"]) == [0, 1]
+    assert Ledger(results / "grow").spec_hash() == load_spec(grown).spec_hash()  # the folder records the new spec
+    assert "grew" in capsys.readouterr().out
+
+    # The same cells under a setting outside the grid (ASHA would have stopped trials early) are not growth.
+    scheduled = make_spec(tmp_path / "asha.yaml", name="grow", grid={"seed": [0, 1, 2]}, scheduler="asha")
+    assert sweep.main([str(scheduled), "--results", str(results)]) == 2
+    assert "a grid may only gain values" in capsys.readouterr().err
+    # Nor is a grid that lost a value.
+    shrunk = make_spec(tmp_path / "shrunk.yaml", name="grow", grid={"seed": [1, 2]})
+    assert sweep.main([str(shrunk), "--results", str(results)]) == 2
+    assert len(load(results / "grow")) == 2
 
 
 def test_compact_only_rebuilds_the_table(mixed: dict) -> None:
