@@ -211,7 +211,8 @@ def finish_trial(prepared: PreparedTrial, recon: Reconstruction, attack_s: float
     spec = prepared.spec
     iterations = int(recon.history[-1]["iteration"]) if recon.history else prepared.attack.iterations
     result = TrialResult(
-        spec=spec, status=COMPLETE, **prepared.model_facts, attack_s=attack_s, iterations=iterations, device=str(prepared.device), history=recon.history,
+        spec=spec, status=COMPLETE, **prepared.model_facts, attack_s=attack_s, iterations=iterations,
+        device=str(prepared.device), history=recon.history,
     )  # fmt: skip
     if not torch.isfinite(recon.images).all():
         result.status, result.error_type = FAILED, "NonFinite"
