@@ -69,6 +69,10 @@ class TrialResult:
     error: str | None = None
     model_acc: float | None = None
     model_loss: float | None = None
+    # (epsilon, delta) the attacked model's DP-SGD training had spent by its round (a dp_sgd chain under a
+    # sweep's `utility: true`); None for any other model.
+    model_dp_epsilon: float | None = None
+    model_dp_delta: float | None = None
     # Test accuracy of the stage trained with the trial's defense applied by every client (a sweep's
     # `utility: true`): what the defense costs the federation. None when not measured.
     utility_acc: float | None = None
@@ -122,6 +126,8 @@ class TrialResult:
             {
                 "model_acc": self.model_acc,
                 "model_loss": self.model_loss,
+                "model_dp_epsilon": self.model_dp_epsilon,
+                "model_dp_delta": self.model_dp_delta,
                 "utility_acc": self.utility_acc,
                 "utility_dp_epsilon": self.utility_dp_epsilon,
                 "utility_dp_delta": self.utility_dp_delta,

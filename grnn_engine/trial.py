@@ -77,10 +77,23 @@ def client_update(
     return SharedUpdate(tensors=delta, kind="fedavg", local_steps=steps, local_lr=lr)
 
 
+# What a trial's row says about the global model it attacked, read from its stage (None when unknown): its test
+# accuracy and loss, and the (epsilon, delta) its DP-SGD training had spent by then (a dp_sgd chain under utility).
+MODEL_FACTS = ("model_acc", "model_loss", "model_dp_epsilon", "model_dp_delta")
+_STAGE_KEYS = {"model_acc": "model_acc", "model_loss": "model_loss", "model_dp_epsilon": "dp_epsilon",
+               "model_dp_delta": "dp_delta"}
+
+
+def model_facts(stage_state: dict[str, Any] | None) -> dict[str, Any]:
+    """MODEL_FACTS of a stage dict (grnn_engine.fl's), each None when the stage does not have it."""
+    stage = stage_state or {}
+    return {name: (None if stage.get(key) is None else float(stage[key])) for name, key in _STAGE_KEYS.items()}
+
+
 def global_model(
     spec: TrialSpec, images: ImageSet, device: torch.device, stage_state: dict[str, Any] | None
-) -> tuple[nn.Module, float | None, float | None]:
-    """The global model being attacked, with its test accuracy and loss when known.
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The global model being attacked, with its MODEL_FACTS (test accuracy, loss, DP budget) when known.
 
     fl_round 0 is the untrained model; later rounds come from `stage_state` (handed over by the
     orchestrator) or are trained here through grnn_engine.fl. A model the trial's attack cannot run on (e.g. a
@@ -91,18 +104,16 @@ def global_model(
         **spec.victim_params,
     )
     check_attack_victim(spec.attack, spec.victim, model)
-    acc = loss = None
     if spec.fl_round > 0 or stage_state is not None:
         if stage_state is None:
             from grnn_engine.fl import stage_for_trial  # only trials on trained stages need FL
 
             stage_state = stage_for_trial(spec)
         model.load_state_dict(stage_state["state_dict"])
-        acc, loss = stage_state.get("model_acc"), stage_state.get("model_loss")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return model.to(device), acc, loss
+    return model.to(device), model_facts(stage_state)
 
 
 @dataclass
@@ -123,8 +134,7 @@ class PreparedTrial:
     indices: list[int]
     identifier: Any  # the face identifier of a reid trial, else None
     model: nn.Module  # the global model being attacked, eval mode, on `device`
-    model_acc: float | None
-    model_loss: float | None
+    model_facts: dict[str, Any]  # MODEL_FACTS of that model (float or None), TrialResult's fields of that name
     generator: torch.Generator  # the attack's random stream
     shared: SharedUpdate  # what the client sent, after the defense
 
@@ -176,7 +186,7 @@ def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) ->
             indices=indices, attacked=images, seed=spec.seed, root=spec.data_root,
         )  # fmt: skip
     images, labels = images.to(device), labels.to(device)
-    model, model_acc, model_loss = global_model(spec, images_set, device, stage_state)
+    model, facts = global_model(spec, images_set, device, stage_state)
     # A user's grey model sees (and the attacks rebuild) 1-channel images.
     channels = victim_channels(model, spec.victim, num_classes=images_set.num_classes, image_size=spec.image_size)
     images = to_victim_channels(images, channels, spec.victim)
@@ -188,8 +198,8 @@ def prepare_trial(spec: TrialSpec, stage_state: dict[str, Any] | None = None) ->
     shared = defense.apply(update, client=ClientBatch(model, images, labels), generator=defense_generator)
     return PreparedTrial(
         spec=spec, start=start, device=device, attack=attack, images_set=images_set, images=images,
-        labels=labels, indices=list(indices), identifier=identifier, model=model, model_acc=model_acc,
-        model_loss=model_loss, generator=generator, shared=shared,
+        labels=labels, indices=list(indices), identifier=identifier, model=model, model_facts=facts,
+        generator=generator, shared=shared,
     )  # fmt: skip
 
 
@@ -201,8 +211,8 @@ def finish_trial(prepared: PreparedTrial, recon: Reconstruction, attack_s: float
     spec = prepared.spec
     iterations = int(recon.history[-1]["iteration"]) if recon.history else prepared.attack.iterations
     result = TrialResult(
-        spec=spec, status=COMPLETE, model_acc=prepared.model_acc, model_loss=prepared.model_loss,
-        attack_s=attack_s, iterations=iterations, device=str(prepared.device), history=recon.history,
+        spec=spec, status=COMPLETE, **prepared.model_facts, attack_s=attack_s, iterations=iterations,
+        device=str(prepared.device), history=recon.history,
     )  # fmt: skip
     if not torch.isfinite(recon.images).all():
         result.status, result.error_type = FAILED, "NonFinite"

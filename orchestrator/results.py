@@ -74,6 +74,8 @@ FIXED_COLUMNS: dict[str, pa.DataType] = {
     "indices": _LIST_I,
     "model_acc": pa.float64(),
     "model_loss": pa.float64(),
+    "model_dp_epsilon": pa.float64(),
+    "model_dp_delta": pa.float64(),
     "wall_s": pa.float64(),
     "s_per_iter": pa.float64(),
     "iterations": pa.int64(),

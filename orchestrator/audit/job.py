@@ -137,7 +137,7 @@ def _prepared(job: AuditJob, model: nn.Module, shared: SharedUpdate, device: tor
         spec=job.spec(), start=start, device=device, attack=ATTACKS.create(job.attack, **job.attack_params),
         images_set=images_set, images=images_set.load(indices).to(device),
         labels=images_set.labels[indices].clone().to(device), indices=indices, identifier=None, model=model,
-        model_acc=None, model_loss=None, generator=generator, shared=shared,
+        model_facts={}, generator=generator, shared=shared,
     )  # fmt: skip
 
 

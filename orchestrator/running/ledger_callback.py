@@ -17,6 +17,7 @@ import ray
 from ray import tune
 
 from grnn_engine import TrialResult, TrialSpec
+from grnn_engine.trial import MODEL_FACTS
 from orchestrator.progress import Progress
 from orchestrator.running.scoring import finite
 from orchestrator.running.stages import UTILITY_FIELDS
@@ -116,7 +117,7 @@ class LedgerCallback(tune.Callback):
         if not result.get("final"):
             if self.scheduler is not None and "iteration" in result:
                 entry = {k: float(result[k]) for k in ("iteration", "grad_loss", "psnr") if finite(result.get(k))}
-                entry.update({k: result[k] for k in ("model_acc", "model_loss", *UTILITY_FIELDS) if finite(result.get(k))})
+                entry.update({k: result[k] for k in (*MODEL_FACTS, *UTILITY_FIELDS) if finite(result.get(k))})
                 self.history.setdefault(trial.config["trial_key"], []).append(entry)
             return
         # Popped so that Tune's experiment state does not keep every row and image in memory and on disk.
@@ -133,11 +134,11 @@ class LedgerCallback(tune.Callback):
         psnr = last.get("psnr")
         at = self.scheduler.stopped.get(trial.trial_id) if self.scheduler else None
         at = int(at if at is not None else last.get("iteration", 0))
+        stage_figures: dict[str, Any] = {name: last.get(name) for name in (*MODEL_FACTS, *UTILITY_FIELDS)}
         result = TrialResult(
             spec=spec, status="COMPLETE",
             metrics={"psnr": psnr, "success": bool(psnr >= spec.success_psnr) if psnr is not None else None},
-            model_acc=last.get("model_acc"), model_loss=last.get("model_loss"), utility_acc=last.get("utility_acc"),
-            utility_dp_epsilon=last.get("utility_dp_epsilon"), utility_dp_delta=last.get("utility_dp_delta"),
+            **stage_figures,
             wall_s=elapsed, attack_s=elapsed, iterations=at,
             history=[{k: v for k, v in h.items() if k in ("iteration", "grad_loss", "psnr")} for h in history],
         )  # fmt: skip

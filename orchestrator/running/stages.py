@@ -23,6 +23,7 @@ from typing import Any, cast
 import ray
 
 from grnn_engine import TrialResult, TrialSpec
+from grnn_engine.trial import model_facts
 
 STAGES_DIR = ".stages"  # the stage cache under a results root (unless $GRNN_CACHE_DIR says otherwise)
 STAGE_FETCH_TIMEOUT_S = 120.0  # a trial's wait for its stage object before it loads or trains it itself
@@ -46,18 +47,10 @@ class StageContext:
     utility_dp_delta: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        """The stage's finite model_acc/model_loss and the utility figures, for the trial's reports."""
-        out = {}
-        if self.stage is not None:
-            for name in ("model_acc", "model_loss"):
-                value = self.stage.get(name)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    out[name] = float(value)
-        for name in UTILITY_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = float(value)
-        return out
+        """The stage's finite MODEL_FACTS (accuracy, loss, DP budget) and the utility figures, for the trial's
+        reports."""
+        figures = {**model_facts(self.stage), **{name: getattr(self, name) for name in UTILITY_FIELDS}}
+        return {name: value for name, value in figures.items() if value is not None and math.isfinite(value)}
 
     def annotate(self, result: TrialResult) -> None:
         """Give the trial's result (complete or failed) the utility figures of its defense's training."""

@@ -151,11 +151,12 @@ def test_trials_find_their_stage(
     before = fl.chains_trained
     stage = stage_for_trial(spec)
     images = load_dataset("digits", split="test", image_size=SIZE)
-    model, acc, loss = global_model(spec, images, torch.device("cpu"), None)
+    model, facts = global_model(spec, images, torch.device("cpu"), None)
     assert fl.chains_trained == before
     assert _same_state(stage["state_dict"], stages[4]["state_dict"])
     assert _same_state(model.state_dict(), stages[4]["state_dict"]) and not model.training
-    assert (acc, loss) == (stages[4]["model_acc"], stages[4]["model_loss"])
+    assert (facts["model_acc"], facts["model_loss"]) == (stages[4]["model_acc"], stages[4]["model_loss"])
+    assert facts["model_dp_epsilon"] is None and facts["model_dp_delta"] is None  # trained without DP-SGD
 
 
 # Faces: 40 people, 8 training photos each; measured (seed 0) test accuracy 0.36 at round 5, 0.88 at 10.

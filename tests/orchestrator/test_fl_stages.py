@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from grnn_engine import fl
@@ -147,21 +148,29 @@ def test_a_dp_sgd_utility_row_carries_the_epsilon_its_accuracy_was_bought_with(
     tmp_path: Path, ray_session: None, make_spec: Any
 ) -> None:
     """Under `utility: true` a dp_sgd cell's chain trains with DP-SGD: its rows carry that training's (epsilon,
-    delta) at utility_round, the values the stage itself records; a cell of any other defense carries none."""
+    delta) at utility_round, and the attacked model's own at its round (model_dp_*), the values the stages
+    themselves record; a cell of any other defense, or the untrained model, carries none."""
     dp = {"name": "dp_sgd", "params": {"clip": 1.0, "sigma": 1.0}}
     spec = make_spec(
         tmp_path / "dp.yaml", name="dp", fl=FAST_FL, utility=True, utility_round=2,
-        grid={"fl_round": [0], "defense": ["none", dp],
+        grid={"fl_round": [0, 1], "defense": ["none", dp],
               "attack": [{"name": "grnn", "params": {"iterations": 3}, "eval_every": 3}], "seed": [0]},
     )  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         sweep.run([str(spec), "--results", str(tmp_path / "results")])
-    df = load(tmp_path / "results" / "dp").set_index("defense")
+    df = load(tmp_path / "results" / "dp").set_index(["defense", "fl_round"])
     assert (df["status"] == "COMPLETE").all(), df[["status", "error"]]
     private = next(c for c in load_spec(spec).cells() if c.defense == "dp_sgd")
-    stage = fl.stage_for_trial(dataclasses.replace(private, fl_round=2), tmp_path / "results" / STAGES_DIR)
-    assert stage["dp_epsilon"] > 0
-    assert df.loc["dp_sgd", "utility_dp_epsilon"] == pytest.approx(stage["dp_epsilon"])
-    assert df.loc["dp_sgd", "utility_dp_delta"] == pytest.approx(stage["dp_delta"])
-    assert df.loc["dp_sgd", "utility_acc"] == pytest.approx(stage["model_acc"])
-    assert df.loc["none", ["utility_dp_epsilon", "utility_dp_delta"]].isna().all()
+    stages = {r: fl.stage_for_trial(dataclasses.replace(private, fl_round=r), tmp_path / "results" / STAGES_DIR)
+              for r in (1, 2)}  # fmt: skip
+    assert 0 < stages[1]["dp_epsilon"] < stages[2]["dp_epsilon"]
+    for r in (0, 1):
+        assert df.loc[("dp_sgd", r), "utility_dp_epsilon"] == pytest.approx(stages[2]["dp_epsilon"])
+        assert df.loc[("dp_sgd", r), "utility_dp_delta"] == pytest.approx(stages[2]["dp_delta"])
+        assert df.loc[("dp_sgd", r), "utility_acc"] == pytest.approx(stages[2]["model_acc"])
+        assert df.loc[("none", r), ["utility_dp_epsilon", "utility_dp_delta"]].isna().all()
+    assert df.loc[("dp_sgd", 1), "model_dp_epsilon"] == pytest.approx(stages[1]["dp_epsilon"])
+    assert df.loc[("dp_sgd", 1), "model_dp_delta"] == pytest.approx(stages[1]["dp_delta"])
+    assert df.loc[("dp_sgd", 1), "model_acc"] == pytest.approx(stages[1]["model_acc"])
+    assert pd.isna(df.loc[("dp_sgd", 0), "model_dp_epsilon"])  # the untrained model spent nothing
+    assert df.xs("none", level="defense")[["model_dp_epsilon", "model_dp_delta"]].isna().all().all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -262,12 +263,19 @@ def test_bad_audit_settings_are_one_sentence_config_errors(tmp_path: Path, overr
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+_DATA_ROOT = os.environ.get("GRNN_DATA_ROOT") or (str(_SHARED) if _SHARED.is_dir() else None)
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(_DATA_ROOT is None or not (Path(_DATA_ROOT) / "mnist").is_dir(),
+                    reason="the benchmark's MNIST needs GRNN_DATA_ROOT (../shared/data)")  # fmt: skip
 def test_benchmark_runs_a_real_local_flower_federation(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "benchmarks/flower_audit.py", "--rounds", "2", "--results", str(tmp_path),
          "--iterations", "3"],
         capture_output=True, text=True, timeout=1200, cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "GRNN_DATA_ROOT": str(_DATA_ROOT)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     line = json.loads(out.stdout.strip().splitlines()[-1])
