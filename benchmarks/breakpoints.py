@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from grnn_engine.cli_values import run_command
 from orchestrator import sweep
 from orchestrator.report import STRENGTH, breaking_points, within_one_step
 from orchestrator.results import load
@@ -207,4 +207,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

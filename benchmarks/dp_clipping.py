@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from grnn_engine import create_victim
 from grnn_engine.attacks.base import trainable_parameters
+from grnn_engine.cli_values import run_command
 from grnn_engine.defenses import clip_per_example, per_example_gradients
 
 
@@ -67,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

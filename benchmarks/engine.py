@@ -30,6 +30,7 @@ from grnn_engine.attacks.base import (
     victim_gradient,
 )
 from grnn_engine.attacks.grnn import GrnnGenerator
+from grnn_engine.cli_values import run_command
 from grnn_engine.data import load_dataset, select_batch
 from grnn_engine.victims import create_victim
 
@@ -138,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from grnn_engine import TrialSpec, run_trial
-from grnn_engine.cli_values import user_error
+from grnn_engine.cli_values import run_command, user_error
 from grnn_engine.data import load_dataset
 from grnn_engine.errors import ConfigError, DataError
 from grnn_engine.reid import fit_identifier, reid_metrics
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

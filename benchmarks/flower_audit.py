@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from grnn_engine.cli_values import OneLineParser, user_error  # noqa: E402
+from grnn_engine.cli_values import OneLineParser, run_command, user_error  # noqa: E402
 from grnn_engine.data import load_dataset  # noqa: E402
 from grnn_engine.errors import ConfigError, DataError, GrnnError  # noqa: E402
 
@@ -242,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

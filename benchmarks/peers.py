@@ -29,14 +29,13 @@ import pathlib
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 from typing import Any
 
 import torch
 
 from grnn_engine import TrialSpec, run_trial
-from grnn_engine.cli_values import OneLineParser, user_error
+from grnn_engine.cli_values import OneLineParser, run_command, user_error
 from grnn_engine.errors import ConfigError, DataError
 from grnn_engine.metrics import matched_psnr
 from grnn_engine.trial import prepare_trial
@@ -174,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -27,14 +27,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
 import torch
 
 from grnn_engine import ATTACKS, TrialSpec, run_trial
-from grnn_engine.cli_values import user_error
+from grnn_engine.cli_values import run_command, user_error
 from grnn_engine.errors import ConfigError, DataError
 
 DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "grnn:prior", "dlg", "idlg", "ig"]
@@ -153,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from typing import Any
 
 import torch
 
 from grnn_engine import TrialSpec, run_trial
+from grnn_engine.cli_values import run_command
 
 PAPER: dict[str, Any] = {"preset": "paper"}
 
@@ -165,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

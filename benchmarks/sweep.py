@@ -49,6 +49,7 @@ import torch
 
 from grnn_engine import TrialSpec, run_trial
 from grnn_engine.batched import run_trials_batched
+from grnn_engine.cli_values import run_command
 
 # Quiet, local Ray: no usage reporting, no token auth for a local cluster (as the tests run it).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -314,4 +315,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
