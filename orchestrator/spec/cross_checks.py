@@ -7,6 +7,8 @@ both ends of its range built, as load_spec does for the grid's own params).
 
 from __future__ import annotations
 
+import itertools
+
 from grnn_engine.errors import ConfigError
 from grnn_engine.registry import did_you_mean, is_import_path
 from grnn_engine.trial_spec import TrialSpec
@@ -46,29 +48,39 @@ def check_attack_victims(spec: SweepSpec, source: str) -> None:
 
 def build_attack_victims(spec: SweepSpec, source: str) -> None:
     """For an attack that needs BatchNorm (`requires_batchnorm`), every param set of each registered victim of
-    the grid built and checked for it (e.g. resnet20 with norm: none has none); users' victims: their trials."""
+    the grid built and checked for it (e.g. resnet20 with norm: none has none), with each value a search may give
+    its victim params (every categorical value, both ends of a range); users' victims: their trials."""
     from grnn_engine.attacks.base import ATTACKS, allowed_victims, check_batchnorm
-    from grnn_engine.victims import create_victim
+    from grnn_engine.victims import VICTIMS, create_victim
 
     needing = [
         (i, a.name) for i, a in enumerate(spec.grid.attack) if getattr(ATTACKS.get(a.name), "requires_batchnorm", False)
     ]  # fmt: skip
     if not needing:
         return
+    searched = spec.search.params if isinstance(spec.search, OptunaSearch) else {}
     for j, victim in enumerate(spec.grid.victim):
         if is_import_path(victim.name):
             continue
-        for params in victim.variants():
-            model = create_victim(victim.name, num_classes=10, image_size=spec.data.image_size, seed=0, **params)
-            for i, attack in needing:
-                try:
-                    check_batchnorm(model, attack, victim.name)
-                except ConfigError:
-                    with_params = f" with params {show(params)}" if params else ""
-                    raise _pair_error(
-                        source, i, attack, j, victim.name, f"{with_params}, which has no BatchNorm layers that keep "
-                        "running statistics", allowed_victims(attack),
-                    ) from None  # fmt: skip
+        ends = {
+            pname: param.ends() for name, param in searched.items()
+            if (target := split_target(name))[0] == "victim" and (pname := target[1]) in VICTIMS.parameters(victim.name)
+        }  # fmt: skip
+        for grid_params in victim.variants():
+            for values in itertools.product(*ends.values()):
+                params = {**grid_params, **dict(zip(ends, values, strict=True))}
+                model = create_victim(victim.name, num_classes=10, image_size=spec.data.image_size, seed=0,
+                                      **params)  # fmt: skip
+                for i, attack in needing:
+                    try:
+                        check_batchnorm(model, attack, victim.name)
+                    except ConfigError:
+                        with_params = f" with params {show(params)}" if params else ""
+                        searching = f" (searched: {', '.join(ends)})" if ends else ""
+                        raise _pair_error(
+                            source, i, attack, j, victim.name, f"{with_params}{searching}, which has no BatchNorm "
+                            "layers that keep running statistics", allowed_victims(attack),
+                        ) from None  # fmt: skip
 
 
 def _pair_error(

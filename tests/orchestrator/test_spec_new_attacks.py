@@ -124,6 +124,28 @@ def test_a_batchnorm_attack_on_a_victim_built_without_batchnorm_is_refused_at_lo
             "statistics") in str(err.value)
 
 
+@pytest.mark.parametrize(("norms", "refused"), [(["batch", "none"], True), (["batch"], False)])
+def test_a_searched_victim_param_that_removes_batchnorm_is_refused_at_load(
+    tmp_path: Path, norms: list[str], refused: bool
+) -> None:
+    """A search over the victim's params may build it without BatchNorm: each value the search can give is
+    checked at load, not left to fail trial by trial."""
+    search = (f"search: {{method: optuna, params: {{victim.params.norm: {{type: categorical, values: "
+              f"[{', '.join(norms)}]}}}}, objectives: [{{metric: psnr, direction: maximize}}], num_samples: 2}}\n")
+    path = tmp_path / "spec.yaml"
+    path.write_text(GRADINVERSION + search)
+    if not refused:
+        assert load_spec(path).search.params["victim.params.norm"].values == norms
+        return
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert err.value.path == "grid.attack[0]"
+    assert ("attack 'gradinversion' cannot run on victim 'resnet20' of grid.victim[0] with params {'activation': "
+            "'relu', 'bn_mode': 'train', 'norm': 'none'} (searched: norm), which has no BatchNorm layers") in str(
+        err.value
+    )
+
+
 def test_a_users_victim_passes_the_load_for_a_batchnorm_attack(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whether a user's model has BatchNorm layers is known once it is built: its trials check it
     (tests/engine/test_gradinversion.py), the spec lets it through."""
