@@ -287,6 +287,18 @@ def last_linear_positions(model: nn.Module, params: Sequence[Tensor]) -> tuple[i
     return position[id(last.weight)], bias
 
 
+def shared_layer_gradient(
+    layer: nn.Module, params: Sequence[Tensor], target: Sequence[Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """The shared gradient of `layer`'s weight and bias: their entries of `target` (which follows `params`, the
+    trainable parameters), or None when either is not among `params` (frozen, or a layer without a bias)."""
+    position = {id(p): i for i, p in enumerate(params)}
+    weight_at, bias_at = position.get(id(layer.weight)), position.get(id(layer.bias))
+    if weight_at is None or bias_at is None:
+        return None
+    return target[weight_at], target[bias_at]
+
+
 def labels_from_gradient(
     model: nn.Module,
     gradient: Sequence[Tensor],

@@ -31,7 +31,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from grnn_engine.attacks.base import ATTACKS, Attack, AttackInputs, Reconstruction, labels_from_gradient
+from grnn_engine.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackInputs,
+    Reconstruction,
+    labels_from_gradient,
+    shared_layer_gradient,
+)
 from grnn_engine.errors import ConfigError
 from grnn_engine.imprint_victim import ImprintBlock, find_imprint_block
 
@@ -98,8 +105,7 @@ class Imprint(Attack):
 
 def _block_gradients(block: ImprintBlock, inputs: AttackInputs) -> tuple[Tensor, Tensor]:
     """The shared gradient of the block's measuring layer (weight, bias)."""
-    position = {id(p): i for i, p in enumerate(inputs.params)}
-    weight_at, bias_at = position.get(id(block.measure.weight)), position.get(id(block.measure.bias))
-    if weight_at is None or bias_at is None:
+    shared = shared_layer_gradient(block.measure, inputs.params, inputs.target)
+    if shared is None:
         raise ConfigError("attack 'imprint' needs the imprint block's measuring layer to be trainable (shared)")
-    return inputs.target[weight_at], inputs.target[bias_at]
+    return shared

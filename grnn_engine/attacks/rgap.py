@@ -37,7 +37,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_input
 
-from grnn_engine.attacks.base import ATTACKS, Attack, AttackInputs, Reconstruction, labels_from_gradient
+from grnn_engine.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackInputs,
+    Reconstruction,
+    labels_from_gradient,
+    shared_layer_gradient,
+)
 from grnn_engine.errors import ConfigError
 
 # Basis images pushed through a layer at once when its equations are built: bounds their memory.
@@ -96,11 +103,10 @@ def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[i
 
 
 def _layer_gradients(layer: nn.Conv2d | nn.Linear, inputs: AttackInputs) -> tuple[Tensor, Tensor]:
-    position = {id(p): i for i, p in enumerate(inputs.params)}
-    at_weight, at_bias = position.get(id(layer.weight)), position.get(id(layer.bias))
-    if at_weight is None or at_bias is None:
+    shared = shared_layer_gradient(layer, inputs.params, inputs.target)
+    if shared is None:
         raise ConfigError("attack 'rgap' needs the gradient of every layer's weight and bias (all trainable)")
-    return inputs.target[at_weight].double(), inputs.target[at_bias].double()
+    return shared[0].double(), shared[1].double()
 
 
 class _LayerEquations:
