@@ -14,7 +14,8 @@ broken within the tested range has no breaking strength (beyond the range); one 
 at the weakest tested strength, with no lower bound. Across seeds the breaking strength is the weakest
 per-seed value at which fewer than `rate` of the seeds still succeed (the median for rate 0.5), and the
 uncertainty is the same order statistic of the per-seed lower bounds, plus the spread of the per-seed
-values (seed_min, seed_max). model_acc and utility_acc are the means over the rows at the breaking strength.
+values (seed_min, seed_max). model_acc, utility_acc and utility_dp_epsilon are the means over the rows at the
+breaking strength.
 
 `report_part(result_dir, df)` is that table as the report shows it, for a results folder whose spec searched a
 breaking point (the report adds it as its "Breaking points" section; a grid or an objectives search gets none).
@@ -48,7 +49,7 @@ STRENGTH: dict[str, tuple[str, int]] = {
 _CONTEXT = ("dataset", "victim", "fl_round")  # grouped by too, when a table holds more than one value
 COLUMNS = [
     "attack", "batch_size", "defense", "param", "breaking_strength", "strength_low", "seed_min", "seed_max",
-    "seeds", "broken_seeds", "trials", "metric_at", "model_acc", "utility_acc",
+    "seeds", "broken_seeds", "trials", "metric_at", "model_acc", "utility_acc", "utility_dp_epsilon",
 ]  # fmt: skip
 
 
@@ -148,6 +149,7 @@ def breaking_points(
                 "metric_at": _mean(at, metric),
                 "model_acc": _mean(at, "model_acc"),
                 "utility_acc": _mean(at, "utility_acc"),
+                "utility_dp_epsilon": _mean(at, "utility_dp_epsilon"),
             }
         )
     return pd.DataFrame(out, columns=[*context, *COLUMNS])
@@ -233,6 +235,8 @@ def _display(table: pd.DataFrame, has_utility: bool) -> pd.DataFrame:
         }
         if has_utility:
             row["accuracy with the defense in training"] = _short(r["utility_acc"])
+        if _finite(r["utility_dp_epsilon"]):
+            row["DP-SGD epsilon there"] = _short(r["utility_dp_epsilon"])
         out.append(row)
     return pd.DataFrame(out)
 

@@ -25,7 +25,7 @@ def finite_float(value: Any) -> float | None:
 
 
 # Numbers of a row that a search may optimise; the final report carries each (None when missing).
-_RESULT_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc")
+_RESULT_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,10 +158,17 @@ def check_search(spec: SweepSpec, source: str) -> None:
                             param.type, "int, categorical",
                         )  # fmt: skip
     for i, objective in enumerate(search.objectives or []):
-        if objective.metric == "utility_acc" and not spec.utility:
+        if objective.metric in ("utility_acc", "utility_dp_epsilon") and not spec.utility:
             raise spec_error(
-                source, f"search.objectives[{i}].metric", "utility_acc is only measured with utility: true",
+                source, f"search.objectives[{i}].metric", f"{objective.metric} is only measured with utility: true",
                 objective.metric, "utility: true in the spec, or another metric",
+            )  # fmt: skip
+        others = sorted({d.name for d in spec.grid.defense} - {"dp_sgd"})
+        if objective.metric == "utility_dp_epsilon" and others:
+            raise spec_error(
+                source, f"search.objectives[{i}].metric", "utility_dp_epsilon is only measured for dp_sgd, but "
+                f"the grid also has defense {', '.join(others)}", objective.metric,
+                "a grid whose every defense is dp_sgd, or another metric",
             )  # fmt: skip
     bp = search.breaking_point
     if bp is not None and bp.metric != "psnr" and bp.threshold is None:

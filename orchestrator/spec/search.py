@@ -40,7 +40,7 @@ __all__ = [
 SEARCH_TARGETS = (
     "defense.params.<name>", "attack.params.<name>", "victim.params.<name>", "fl.<name>", "fl_round", "batch_size",
 )
-SEARCH_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc")
+SEARCH_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon")
 
 
 class GridSearch(StrictModel):
@@ -100,7 +100,7 @@ class SearchParam(StrictModel):
 class Objective(StrictModel):
     """One objective of the search: a row's metric and whether to minimize or maximize it."""
 
-    metric: Literal["psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc"]
+    metric: Literal["psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon"]
     direction: Literal["minimize", "maximize"]
 
 

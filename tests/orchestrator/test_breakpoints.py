@@ -38,6 +38,15 @@ def test_median_over_seeds_with_its_bracket() -> None:
     assert row["model_acc"] == pytest.approx(0.2) and row["trials"] == 12
 
 
+def test_the_dp_budget_at_the_breaking_strength_is_reported() -> None:
+    """A DP-SGD chain's rows carry the epsilon its training spent (utility_dp_epsilon): the table gives its mean
+    at the breaking strength; rows without it leave the column empty."""
+    table = breaking_points(pd.DataFrame([{**r, "utility_dp_epsilon": 1.0 / r["defense.sigma"]}
+                                          for r in rows({0: 1e-2, 1: 1e-1, 2: None}, STEPS)]))  # fmt: skip
+    assert table["utility_dp_epsilon"].tolist() == [pytest.approx(10.0)]  # at sigma 0.1
+    assert breaking_points(pd.DataFrame(rows({0: 1e-2}, STEPS)))["utility_dp_epsilon"].isna().all()
+
+
 def test_rate_picks_the_order_statistic() -> None:
     df = pd.DataFrame(rows({0: 1e-2, 1: 1e-1, 2: 1.0}, STEPS))
     assert breaking_points(df, rate=0.9).loc[0, "breaking_strength"] == 1e-2  # first seed broken: 2/3 < 0.9

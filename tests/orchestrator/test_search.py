@@ -198,3 +198,20 @@ def test_objectives_must_be_measured(tmp_path: Path) -> None:
           params: {defense.params.sigma: {type: uniform, low: 0.1, high: 1}}
         """)
     assert error.path == "search" and "objectives" in str(error) and "breaking_point" in str(error)
+
+
+def test_a_dp_epsilon_objective_needs_utility_and_dp_sgd_only(tmp_path: Path) -> None:
+    """utility_dp_epsilon is measured only for dp_sgd trained under utility: true; a study of another defense
+    would have no value to optimise."""
+    search = ("search: {method: optuna, params: {defense.params.sigma: {type: uniform, low: 0.5, high: 2}}, "
+              "objectives: [{metric: psnr, direction: minimize}, {metric: utility_dp_epsilon, direction: minimize}]}\n")
+    error = search_error(tmp_path, search)  # BASE: no utility, defenses none/gaussian/quantize
+    assert error.path == "search.objectives[1].metric" and "utility: true" in str(error)
+    fl = "fl: {clients: 2, local_epochs: 1, local_batch_size: 16}\nutility: true\nutility_round: 1\n"
+    path = tmp_path / "dp.yaml"
+    path.write_text(BASE + fl + search, encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.path == "search.objectives[1].metric" and "gaussian, none, quantize" in str(info.value)
+    path.write_text(BASE.replace("[none, gaussian, quantize]", "[dp_sgd]") + fl + search, encoding="utf-8")
+    assert [o.metric for o in load_spec(path).search.objectives] == ["psnr", "utility_dp_epsilon"]
