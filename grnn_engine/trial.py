@@ -79,9 +79,10 @@ def client_update(
 
 # What a trial's row says about the global model it attacked, read from its stage (None when unknown): its test
 # accuracy and loss, and the (epsilon, delta) its DP-SGD training had spent by then (a dp_sgd chain under utility).
-MODEL_FACTS = ("model_acc", "model_loss", "model_dp_epsilon", "model_dp_delta")
+# Each fact's key in the stage dict.
 _STAGE_KEYS = {"model_acc": "model_acc", "model_loss": "model_loss", "model_dp_epsilon": "dp_epsilon",
                "model_dp_delta": "dp_delta"}
+MODEL_FACTS = tuple(_STAGE_KEYS)
 
 
 def model_facts(stage_state: dict[str, Any] | None) -> dict[str, Any]:

@@ -248,7 +248,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     # A grid spec that only adds cells (more seeds, batch sizes, defenses ...) continues its folder: every result
     # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml.
     grown = not same_spec and not searching and not args.fresh and grows(ledger, spec, cells)
-    same_spec = same_spec or grown
+    continues = same_spec or grown  # the folder's results count for this spec
 
     if args.dry_run:
         if searching:
@@ -258,7 +258,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
                 print("  " + describe_study(study))
             if len(studies) > 5:
                 print(f"  ... and {len(studies) - 5} more")
-            if ledger.exists() and same_spec and not args.fresh:
+            if ledger.exists() and continues and not args.fresh:
                 left = search_pending(spec, ledger, args.retry_failed)
                 print(f"{trials - left} already have results in {ledger.folder}; {left} to run")
             return None
@@ -267,7 +267,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             print("  " + describe(cell))
         if len(cells) > 5:
             print(f"  ... and {len(cells) - 5} more")
-        if ledger.exists() and same_spec and not args.fresh:
+        if ledger.exists() and continues and not args.fresh:
             todo = pending_cells(cells, ledger.statuses(), args.retry_failed)
             print(f"{len(cells) - len(todo)} already have results in {ledger.folder}; {len(todo)} to run")
         return None
@@ -289,14 +289,14 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         submit(argv, spec, args.address, args.results)
         return None
 
-    if not same_spec and not args.fresh:
+    if not continues and not args.fresh:
         raise UsageError(
             f"{ledger.spec_path} was written by a different spec (hash {ledger.spec_hash()}, this one "
             f"{spec.spec_hash()}; a grid may only gain values); pass --fresh to move the old results aside, or "
             f"give the sweep a new name"
         )
     if grown:
-        print(f"the spec of {ledger.folder} grew: its {len(ledger.statuses())} results are cells of this spec and stay")
+        print(f"the spec of {ledger.folder} grew: the results there are cells of this spec and stay")
     if args.fresh and ledger.folder.exists():
         moved = move_aside(ledger.folder)
         print(f"--fresh: moved the previous results to {moved}")

@@ -280,11 +280,17 @@ def last_linear_positions(model: nn.Module, params: Sequence[Tensor]) -> tuple[i
             last = module
     if last is None:
         raise ConfigError(f"label inference needs a model with an nn.Linear classifier; {type(model).__name__} has none")
-    position = {id(p): i for i, p in enumerate(params)}
-    if id(last.weight) not in position:
+    weight_at, bias_at = layer_positions(last, params)
+    if weight_at is None:
         raise ConfigError(f"label inference needs the classifier weight of {type(model).__name__} to be trainable")
-    bias = position.get(id(last.bias)) if last.bias is not None else None
-    return position[id(last.weight)], bias
+    return weight_at, bias_at
+
+
+def layer_positions(layer: nn.Module, params: Sequence[Tensor]) -> tuple[int | None, int | None]:
+    """Positions in `params` of `layer`'s weight and bias, each None when it is not there (frozen, or no bias)."""
+    position = {id(p): i for i, p in enumerate(params)}
+    bias = getattr(layer, "bias", None)
+    return position.get(id(layer.weight)), (position.get(id(bias)) if bias is not None else None)
 
 
 def shared_layer_gradient(
@@ -292,8 +298,7 @@ def shared_layer_gradient(
 ) -> tuple[Tensor, Tensor] | None:
     """The shared gradient of `layer`'s weight and bias: their entries of `target` (which follows `params`, the
     trainable parameters), or None when either is not among `params` (frozen, or a layer without a bias)."""
-    position = {id(p): i for i, p in enumerate(params)}
-    weight_at, bias_at = position.get(id(layer.weight)), position.get(id(layer.bias))
+    weight_at, bias_at = layer_positions(layer, params)
     if weight_at is None or bias_at is None:
         return None
     return target[weight_at], target[bias_at]
