@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from grnn_engine import TrialResult
+from orchestrator.spec.search import SEARCH_METRICS
 
 if TYPE_CHECKING:
     from orchestrator.spec import OptunaSearch
@@ -22,10 +23,6 @@ def finite(value: Any) -> bool:
 def finite_float(value: Any) -> float | None:
     """The value as a float when it is a finite number, else None."""
     return float(value) if finite(value) else None
-
-
-# Numbers of a row that a search may optimise; the final report carries each (None when missing).
-_RESULT_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +72,7 @@ def final_metrics(result: TrialResult, scoring: Scoring | None = None) -> dict[s
         "row_json": json.dumps(row),
         "png_b64": base64.b64encode(result.image_png).decode("ascii") if result.image_png else "",
     }
-    for name in _RESULT_METRICS:
+    for name in SEARCH_METRICS:  # each None when the row lacks it
         out[name] = finite_float(row.get(name))
     if scoring is not None:
         out.update(scoring.extra(out))

@@ -158,24 +158,31 @@ def check_search(spec: SweepSpec, source: str) -> None:
                             param.type, "int, categorical",
                         )  # fmt: skip
     for i, objective in enumerate(search.objectives or []):
-        if objective.metric in ("utility_acc", "utility_dp_epsilon") and not spec.utility:
-            raise spec_error(
-                source, f"search.objectives[{i}].metric", f"{objective.metric} is only measured with utility: true",
-                objective.metric, "utility: true in the spec, or another metric",
-            )  # fmt: skip
-        others = sorted({d.name for d in spec.grid.defense} - {"dp_sgd"})
-        if objective.metric == "utility_dp_epsilon" and others:
-            raise spec_error(
-                source, f"search.objectives[{i}].metric", "utility_dp_epsilon is only measured for dp_sgd, but "
-                f"the grid also has defense {', '.join(others)}", objective.metric,
-                "a grid whose every defense is dp_sgd, or another metric",
-            )  # fmt: skip
+        _check_objective_measured(spec, search, objective.metric, source, f"search.objectives[{i}].metric")
     bp = search.breaking_point
     if bp is not None and bp.metric != "psnr" and bp.threshold is None:
         raise spec_error(
             source, "search.breaking_point.threshold", f"a {bp.metric} breaking point needs a threshold", None,
             "a number (psnr defaults to success_psnr)",
         )  # fmt: skip
+
+
+def _check_objective_measured(spec: SweepSpec, search: OptunaSearch, metric: str, source: str, path: str) -> None:
+    """An objective every study's trials measure: the utility metrics need utility: true, the DP-SGD epsilons a
+    grid whose every defense is dp_sgd, and model_dp_epsilon (spent by the attacked round) fl_round >= 1."""
+    if metric in ("utility_acc", "utility_dp_epsilon", "model_dp_epsilon") and not spec.utility:
+        raise spec_error(source, path, f"{metric} is only measured with utility: true", metric,
+                         "utility: true in the spec, or another metric")
+    others = sorted({d.name for d in spec.grid.defense} - {"dp_sgd"})
+    if metric in ("utility_dp_epsilon", "model_dp_epsilon") and others:
+        raise spec_error(source, path, f"{metric} is only measured for dp_sgd, but the grid also has defense "
+                         f"{', '.join(others)}", metric, "a grid whose every defense is dp_sgd, or another metric")
+    if metric == "model_dp_epsilon":
+        searched = search.params.get("fl_round")
+        lowest = min(searched.ends()) if searched is not None else min(spec.grid.fl_round)
+        if lowest < 1:
+            raise spec_error(source, path, f"model_dp_epsilon is only measured for a trained model, but fl_round "
+                             f"{lowest} is the untrained one", metric, "fl_round >= 1 everywhere, or another metric")
 
 
 def check_pack(spec: SweepSpec, source: str) -> None:

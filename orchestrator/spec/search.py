@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -28,6 +28,7 @@ __all__ = [
     "GridSearch",
     "Objective",
     "OptunaSearch",
+    "SearchMetric",
     "SearchParam",
     "SearchSpec",
     "Study",
@@ -40,7 +41,12 @@ __all__ = [
 SEARCH_TARGETS = (
     "defense.params.<name>", "attack.params.<name>", "victim.params.<name>", "fl.<name>", "fl_round", "batch_size",
 )
-SEARCH_METRICS = ("psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon")
+# A row's numbers a search may optimise (a trial's final report carries each). The DP-SGD epsilons are measured
+# only where cross_checks.check_search allows them: utility: true and dp_sgd (model_dp_epsilon: fl_round > 0).
+SearchMetric = Literal[
+    "psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon", "model_dp_epsilon",
+]
+SEARCH_METRICS: tuple[str, ...] = get_args(SearchMetric)
 
 
 class GridSearch(StrictModel):
@@ -100,7 +106,7 @@ class SearchParam(StrictModel):
 class Objective(StrictModel):
     """One objective of the search: a row's metric and whether to minimize or maximize it."""
 
-    metric: Literal["psnr", "ssim", "mse", "label_acc", "model_acc", "utility_acc", "utility_dp_epsilon"]
+    metric: SearchMetric
     direction: Literal["minimize", "maximize"]
 
 

@@ -215,3 +215,28 @@ def test_a_dp_epsilon_objective_needs_utility_and_dp_sgd_only(tmp_path: Path) ->
     assert info.value.path == "search.objectives[1].metric" and "gaussian, none, quantize" in str(info.value)
     path.write_text(BASE.replace("[none, gaussian, quantize]", "[dp_sgd]") + fl + search, encoding="utf-8")
     assert [o.metric for o in load_spec(path).search.objectives] == ["psnr", "utility_dp_epsilon"]
+
+
+def test_a_model_dp_epsilon_objective_needs_a_trained_round(tmp_path: Path) -> None:
+    """model_dp_epsilon is the budget DP-SGD had spent by the attacked round: none at fl_round 0, grid or searched."""
+    fl = "fl: {clients: 2, local_epochs: 1, local_batch_size: 16}\nutility: true\nutility_round: 2\n"
+    dp_grid = BASE.replace("[none, gaussian, quantize]", "[dp_sgd]")
+
+    def load(grid_extra: str, params: str) -> SpecError | list[str]:
+        path = tmp_path / "dp.yaml"
+        path.write_text(dp_grid + grid_extra + fl + "search: {method: optuna, params: {" + params + "}, objectives: "
+                        "[{metric: psnr, direction: minimize}, {metric: model_dp_epsilon, direction: minimize}]}\n",
+                        encoding="utf-8")
+        try:
+            return [o.metric for o in load_spec(path).search.objectives]
+        except SpecError as error:
+            return error
+
+    sigma = "defense.params.sigma: {type: uniform, low: 0.5, high: 2}"
+    untrained = load("", sigma)  # the grid's default fl_round [0]
+    assert isinstance(untrained, SpecError) and untrained.path == "search.objectives[1].metric"
+    assert "fl_round 0" in str(untrained)
+    searched = load("", sigma + ", fl_round: {type: int, low: 0, high: 2}")
+    assert isinstance(searched, SpecError) and "fl_round 0" in str(searched)
+    assert load("  fl_round: [1, 2]\n", sigma) == ["psnr", "model_dp_epsilon"]
+    assert load("", sigma + ", fl_round: {type: int, low: 1, high: 2}") == ["psnr", "model_dp_epsilon"]
