@@ -25,8 +25,9 @@ iterate use only the gradient loss, which the attacker sees, never the truth.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,8 @@ from grnn_engine.attacks.base import (
 )
 from grnn_engine.attacks.grnn_generator import GrnnGenerator
 from grnn_engine.attacks.ig import CosineDistance
-from grnn_engine.attacks.image_prior import GaussianImagePrior, PriorSettings, PublicData, load_or_fit_prior
+from grnn_engine.attacks.image_prior import PriorSettings, PublicData, load_or_fit_prior
+from grnn_engine.attacks.patch_prior import load_or_fit_patch_prior
 from grnn_engine.attacks.soft_pool import SoftenedVictim
 from grnn_engine.errors import ConfigError
 from grnn_engine.metrics import pairwise_mse
@@ -69,7 +71,7 @@ LABELS = ("learned", "inferred")
 SELECTS = ("last", "best")
 COMBINES = ("best", "mean")
 GENERATOR_NORMS = ("batch", "none")
-PRIORS = ("none", "gaussian")
+PRIORS = ("none", "gaussian", "patch_gmm")
 
 # The knob values of each preset. tv_weight None: the preset's size-dependent choice (_TV_BY_SIZE);
 # refine_tv_weight None: the TV weight the generator used.
@@ -227,7 +229,7 @@ class _Fit:
     objective: _Loss
     tv_weight: float
     fixed_labels: Tensor | None
-    image_prior: GaussianImagePrior | None = None
+    prior_penalty: Callable[[Tensor], Tensor] | None = None
     prior_weight: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -257,11 +259,11 @@ class GRNN(Attack):
       the refinement fit a copy of the victim whose max-pools are softened (attacks/soft_pool.py), with a
       temperature decaying from soft_pool to soft_pool_end; the rest fits the exact victim, and only its
       iterates may be selected.
-    - prior ("none", or "gaussian": the learned prior of attacks/image_prior.py, fitted on the public split
-      that `bind_public_data` names, cached), prior_weight (None = the preset's by model size; the weight of
-      its negative log-likelihood in the generator's loss), refine_prior_weight (None = prior_weight),
-      prior_floor (variance added to every eigenvalue), prior_images (0 = the whole public split, else that
-      many drawn with prior_seed).
+    - prior ("none"; "gaussian": the Gaussian of attacks/image_prior.py; "patch_gmm": the patch mixture of
+      attacks/patch_prior.py; each fitted on the public split that `bind_public_data` names, cached),
+      prior_weight (None = the preset's by model size; the weight of its negative log-likelihood in the
+      generator's loss), refine_prior_weight (None = prior_weight), prior_floor (gaussian: variance added to
+      every eigenvalue), prior_images (0 = the whole public split, else that many drawn with prior_seed).
     """
 
     name = "grnn"
@@ -398,8 +400,9 @@ class GRNN(Attack):
             return total_variation(images)
         return colour_total_variation(images, self.chroma_weight)
 
-    def _image_prior(self, inputs: AttackInputs) -> GaussianImagePrior | None:
-        """The learned prior (fitted on the public split, or from the cache), on the victim's device and dtype."""
+    def _prior_penalty(self, inputs: AttackInputs) -> Callable[[Tensor], Tensor] | None:
+        """The learned prior's penalty (the prior fitted on the public split, or from the cache, on the victim's
+        device and dtype)."""
         if self.prior == "none":
             return None
         if self.public_data is None:
@@ -410,12 +413,15 @@ class GRNN(Attack):
             raise ConfigError(f"grnn prior: public images of size {self.public_data.image_size} do not match the "
                               f"attacked images of size {inputs.image_shape[1]}")
         param = inputs.params[0]
-        return load_or_fit_prior(self.public_data, self.prior_settings).to(param.device, param.dtype)
+        if self.prior == "patch_gmm":
+            return load_or_fit_patch_prior(self.public_data, self.prior_settings).to(param.device, param.dtype).penalty
+        gaussian = load_or_fit_prior(self.public_data, self.prior_settings).to(param.device, param.dtype)
+        return functools.partial(gaussian.penalty, floor=self.prior_floor)
 
     def _prior_term(self, fit: _Fit, images: Tensor, weight: float) -> Tensor | float:
-        if fit.image_prior is None or weight == 0:
+        if fit.prior_penalty is None or weight == 0:
             return 0.0
-        return weight * fit.image_prior.penalty(images, self.prior_floor)
+        return weight * fit.prior_penalty(images)
 
     def _optimizer(self, weights: Sequence[Tensor], lr: float) -> tuple[torch.optim.Optimizer, Any]:
         steps = self.steps_per_restart
@@ -443,7 +449,7 @@ class GRNN(Attack):
         victim = SoftenedVictim(model, inputs.params, start=self.soft_pool, end=self.soft_pool_end,
                                 fraction=self.soft_pool_fraction)
         fit = _Fit(inputs, victim, _Loss(inputs.target, self.distance, self.cosine_weight),
-                   self._tv_weight(inputs.params), fixed_labels, self._image_prior(inputs),
+                   self._tv_weight(inputs.params), fixed_labels, self._prior_penalty(inputs),
                    self._prior_weight(inputs.params))
         runs = [self._one_restart(fit, restart) for restart in range(self.restarts)]
         # NaN never compares lower, so a diverged restart only wins when every restart diverged.

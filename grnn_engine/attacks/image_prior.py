@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from grnn_engine.data import SPLITS, load_dataset
 from grnn_engine.errors import ConfigError
 
 __all__ = ["MAX_PRIOR_DIMENSION", "PRIOR_FORMAT", "GaussianImagePrior", "PriorSettings", "PublicData",
-           "load_or_fit_prior", "prior_key", "priors_fitted"]
+           "cached_prior_state", "load_or_fit_prior", "prior_key", "priors_fitted", "public_image_chunks"]
 
 # Bump when a change to the fitting changes what a cached prior holds: old cache entries then miss.
 PRIOR_FORMAT = 1
@@ -126,14 +127,9 @@ class GaussianImagePrior:
         return cls(state["mean"], state["eigenvalues"], state["eigenvectors"], (shape[0], shape[1], shape[2]))
 
 
-def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[GaussianImagePrior, int]:
-    """The Gaussian of the public images (float64 accumulation, float32 result) and how many it saw."""
-    dimension = 3 * public.image_size**2
-    if dimension > MAX_PRIOR_DIMENSION:
-        raise ConfigError(
-            f"the gaussian image prior needs images of at most {MAX_PRIOR_DIMENSION} values (3 x S x S, S <= 36); "
-            f"image_size {public.image_size} gives {dimension}"
-        )
+def public_image_chunks(public: PublicData, settings: PriorSettings) -> tuple[int, Iterator[Tensor]]:
+    """The public images a prior is fitted on (settings.images of them drawn with settings.seed, 0 = all), as
+    (count, chunks of at most _CHUNK images): decoding chunk by chunk bounds the memory of a fit."""
     images = load_dataset(public.dataset, root=public.root, split=public.split, image_size=public.image_size,
                           download=public.download)
     n = len(images)
@@ -147,13 +143,24 @@ def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[Gau
         chosen = list(range(n))
     if len(chosen) < 2:
         raise ConfigError(f"the image prior needs at least 2 public images; {images.description} has {len(chosen)}")
+    return len(chosen), (images.load(chosen[start : start + _CHUNK]) for start in range(0, len(chosen), _CHUNK))
+
+
+def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[GaussianImagePrior, int]:
+    """The Gaussian of the public images (float64 accumulation, float32 result) and how many it saw."""
+    dimension = 3 * public.image_size**2
+    if dimension > MAX_PRIOR_DIMENSION:
+        raise ConfigError(
+            f"the gaussian image prior needs images of at most {MAX_PRIOR_DIMENSION} values (3 x S x S, S <= 36); "
+            f"image_size {public.image_size} gives {dimension}"
+        )
+    count, chunks = public_image_chunks(public, settings)
     total = torch.zeros(dimension, dtype=torch.float64)
     outer = torch.zeros(dimension, dimension, dtype=torch.float64)
-    for start in range(0, len(chosen), _CHUNK):
-        batch = images.load(chosen[start : start + _CHUNK]).reshape(-1, dimension).double()
+    for chunk in chunks:
+        batch = chunk.reshape(-1, dimension).double()
         total += batch.sum(dim=0)
         outer += batch.T @ batch
-    count = len(chosen)
     mean = total / count
     covariance = (outer - count * torch.outer(mean, mean)) / (count - 1)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
@@ -164,14 +171,26 @@ def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[Gau
 
 def load_or_fit_prior(public: PublicData, settings: PriorSettings,
                       cache_dir: str | os.PathLike[str] | None = None) -> GaussianImagePrior:
-    """The prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
+    """The Gaussian prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
+    state = cached_prior_state(prior_key(public, settings), lambda: _fitted_state(public, settings), cache_dir)
+    return GaussianImagePrior.from_state(state)
 
+
+def _fitted_state(public: PublicData, settings: PriorSettings) -> dict[str, Any]:
+    prior, count = fit_gaussian_prior(public, settings)
+    return prior.state(public, settings, count)
+
+
+def cached_prior_state(key: str, fit: Callable[[], dict[str, Any]],
+                       cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The state of the prior with content address `key` (its "format" PRIOR_FORMAT): read from the cache when
+    there, else `fit()` now, written atomically and counted in `priors_fitted`."""
     global priors_fitted
-    path = pathlib.Path(resolve_cache_dir(cache_dir)) / f"prior-{prior_key(public, settings)}.pt"
+    path = pathlib.Path(resolve_cache_dir(cache_dir)) / f"prior-{key}.pt"
     state = load_torch_cache(path, "image prior")
     if state is not None and state.get("format") == PRIOR_FORMAT:
-        return GaussianImagePrior.from_state(state)
-    prior, count = fit_gaussian_prior(public, settings)
-    atomic_torch_save(path, prior.state(public, settings, count))
+        return state
+    state = fit()
+    atomic_torch_save(path, state)
     priors_fitted += 1
-    return prior
+    return state

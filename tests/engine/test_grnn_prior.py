@@ -116,7 +116,7 @@ def test_the_prior_preset_is_strong_plus_the_learned_prior() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"prior": "vae"}, r"grnn prior must be one of none, gaussian \(got 'vae'\)"),
+        ({"prior": "vae"}, r"grnn prior must be one of none, gaussian, patch_gmm \(got 'vae'\)"),
         ({"prior_weight": -1.0}, "grnn prior_weight must be a finite number >= 0"),
         ({"refine_prior_weight": float("nan")}, "grnn refine_prior_weight must be a finite number >= 0"),
         ({"prior_floor": 0}, "grnn prior_floor must be a finite number > 0"),
