@@ -22,7 +22,7 @@ import os
 import pathlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,8 +31,8 @@ from grnn_engine.cache_files import atomic_torch_save, content_hash, load_torch_
 from grnn_engine.data import SPLITS, load_dataset
 from grnn_engine.errors import ConfigError
 
-__all__ = ["MAX_PRIOR_DIMENSION", "PRIOR_FORMAT", "GaussianImagePrior", "PriorSettings", "PublicData",
-           "cached_prior_state", "load_or_fit_prior", "prior_key", "priors_fitted", "public_image_chunks"]
+__all__ = ["MAX_PRIOR_DIMENSION", "PRIOR_FORMAT", "FittedPrior", "GaussianImagePrior", "PriorSettings",
+           "PublicData", "cached_prior_state", "load_or_fit_prior", "prior_key", "priors_fitted", "public_image_chunks"]
 
 # Bump when a change to the fitting changes what a cached prior holds: old cache entries then miss.
 PRIOR_FORMAT = 1
@@ -81,9 +81,16 @@ class PriorSettings:
     seed: int = 0
 
 
-def prior_key(public: PublicData, settings: PriorSettings) -> str:
-    """Content address (24 hex digits) of the prior fitted on `public` with `settings`."""
-    return content_hash({"format": PRIOR_FORMAT, "kind": "gaussian", **public.identity(), **asdict(settings)})
+def prior_key(public: PublicData, settings: PriorSettings, kind: str = "gaussian", **geometry: int) -> str:
+    """Content address (24 hex digits) of the prior of `kind` fitted on `public` with `settings` (and, for a kind
+    with fixed fitting constants, those `geometry` values)."""
+    return content_hash({"format": PRIOR_FORMAT, "kind": kind, **public.identity(), **asdict(settings), **geometry})
+
+
+class FittedPrior(Protocol):
+    """A prior a fit returns: `state()` is its part of the cache file (tensors and plain values)."""
+
+    def state(self) -> dict[str, Any]: ...
 
 
 class GaussianImagePrior:
@@ -115,11 +122,10 @@ class GaussianImagePrior:
         coefficients = (images.reshape(images.shape[0], -1) - self.mean) @ self.eigenvectors
         return (coefficients.pow(2) * self._inverse[cache_key]).mean()
 
-    def state(self, public: PublicData, settings: PriorSettings, fitted_on: int) -> dict[str, Any]:
-        """What the cache file holds: tensors and plain values only (loadable with weights_only=True)."""
-        return {"format": PRIOR_FORMAT, "mean": self.mean, "eigenvalues": self.eigenvalues,
-                "eigenvectors": self.eigenvectors, "image_shape": list(self.image_shape),
-                "public": public.identity(), "settings": asdict(settings), "fitted_on": fitted_on}
+    def state(self) -> dict[str, Any]:
+        """The prior's part of its cache file: tensors and plain values only (loadable with weights_only=True)."""
+        return {"mean": self.mean, "eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors,
+                "image_shape": list(self.image_shape)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> GaussianImagePrior:
@@ -172,25 +178,24 @@ def fit_gaussian_prior(public: PublicData, settings: PriorSettings) -> tuple[Gau
 def load_or_fit_prior(public: PublicData, settings: PriorSettings,
                       cache_dir: str | os.PathLike[str] | None = None) -> GaussianImagePrior:
     """The Gaussian prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
-    state = cached_prior_state(prior_key(public, settings), lambda: _fitted_state(public, settings), cache_dir)
+    state = cached_prior_state(prior_key(public, settings), public, settings, fit_gaussian_prior, cache_dir)
     return GaussianImagePrior.from_state(state)
 
 
-def _fitted_state(public: PublicData, settings: PriorSettings) -> dict[str, Any]:
-    prior, count = fit_gaussian_prior(public, settings)
-    return prior.state(public, settings, count)
-
-
-def cached_prior_state(key: str, fit: Callable[[], dict[str, Any]],
+def cached_prior_state(key: str, public: PublicData, settings: PriorSettings,
+                       fit: Callable[[PublicData, PriorSettings], tuple[FittedPrior, int]],
                        cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """The state of the prior with content address `key` (its "format" PRIOR_FORMAT): read from the cache when
-    there, else `fit()` now, written atomically and counted in `priors_fitted`."""
+    """The cache file of the prior with content address `key`: read when there (and of this PRIOR_FORMAT), else
+    `fit(public, settings)` now, its state written atomically with where it came from (public data, settings,
+    how many images), and counted in `priors_fitted`."""
     global priors_fitted
     path = pathlib.Path(resolve_cache_dir(cache_dir)) / f"prior-{key}.pt"
     state = load_torch_cache(path, "image prior")
     if state is not None and state.get("format") == PRIOR_FORMAT:
         return state
-    state = fit()
+    prior, count = fit(public, settings)
+    state = {"format": PRIOR_FORMAT, **prior.state(), "public": public.identity(), "settings": asdict(settings),
+             "fitted_on": count}
     atomic_torch_save(path, state)
     priors_fitted += 1
     return state

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,13 +24,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from grnn_engine.attacks.image_prior import (
-    PRIOR_FORMAT,
     PriorSettings,
     PublicData,
     cached_prior_state,
+    prior_key,
     public_image_chunks,
 )
-from grnn_engine.cache_files import content_hash
 from grnn_engine.errors import ConfigError
 
 __all__ = ["COMPONENTS", "PATCH", "PATCHES", "STRIDE", "PatchGMMPrior", "load_or_fit_patch_prior"]
@@ -75,10 +73,10 @@ class PatchGMMPrior:
         log_p = (self.log_weights + self._log_det)[:, None] - 0.5 * mapped.pow(2).sum(dim=2)
         return -2.0 * torch.logsumexp(log_p, dim=0).mean() / dimension
 
-    def state(self, public: PublicData, settings: PriorSettings, fitted_on: int) -> dict[str, Any]:
-        return {"format": PRIOR_FORMAT, "kind": "patch_gmm", "log_weights": self.log_weights, "means": self.means,
-                "precision_cholesky": self.precision_cholesky, "image_shape": list(self.image_shape),
-                "public": public.identity(), "settings": asdict(settings), "fitted_on": fitted_on}
+    def state(self) -> dict[str, Any]:
+        """The prior's part of its cache file (image_prior.cached_prior_state adds where it came from)."""
+        return {"kind": "patch_gmm", "log_weights": self.log_weights, "means": self.means,
+                "precision_cholesky": self.precision_cholesky, "image_shape": list(self.image_shape)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PatchGMMPrior:
@@ -88,8 +86,8 @@ class PatchGMMPrior:
 
 def patch_prior_key(public: PublicData, settings: PriorSettings) -> str:
     """Content address of the patch prior fitted on `public` with `settings` (and this module's geometry)."""
-    return content_hash({"format": PRIOR_FORMAT, "kind": "patch_gmm", **public.identity(), **asdict(settings),
-                         "patch": PATCH, "components": COMPONENTS, "patches": PATCHES, "em": _EM_ITERATIONS})
+    return prior_key(public, settings, "patch_gmm", patch=PATCH, components=COMPONENTS, patches=PATCHES,
+                     em=_EM_ITERATIONS)
 
 
 def fit_patch_gmm(public: PublicData, settings: PriorSettings) -> tuple[PatchGMMPrior, int]:
@@ -121,9 +119,5 @@ def fit_patch_gmm(public: PublicData, settings: PriorSettings) -> tuple[PatchGMM
 def load_or_fit_patch_prior(public: PublicData, settings: PriorSettings,
                             cache_dir: str | os.PathLike[str] | None = None) -> PatchGMMPrior:
     """The patch prior of `public` with `settings`: from the cache when there, else fitted now and cached."""
-
-    def fit() -> dict[str, Any]:
-        prior, count = fit_patch_gmm(public, settings)
-        return prior.state(public, settings, count)
-
-    return PatchGMMPrior.from_state(cached_prior_state(patch_prior_key(public, settings), fit, cache_dir))
+    state = cached_prior_state(patch_prior_key(public, settings), public, settings, fit_patch_gmm, cache_dir)
+    return PatchGMMPrior.from_state(state)
