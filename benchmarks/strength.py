@@ -5,7 +5,10 @@ k drawn from seed k (`select_batch`), so attacks are compared on identical image
 untrained model; a later round is the FedAvg-trained global model (grnn_engine.fl trains and caches it on
 first use). Attacks are given as `name` or `name:preset` (`grnn:paper`, `grnn:strong`, `grnn:prior`); others
 run with their defaults, recorded under the preset name "default". `grnn:prior` fits its image prior on the
-dataset's train split (the batches come from test) on first use and caches it ($GRNN_CACHE_DIR).
+dataset's train split (the batches come from test) on first use and caches it ($GRNN_CACHE_DIR). A setting
+that differs from a preset adds its attack parameters and a label to record it under:
+`name:preset:key=value[,key=value...]@label`, e.g. `grnn:prior:prior=patch_gmm@gmm` (results `grnn_gmm_...`,
+headline `gmm_b1_psnr`); a label is letters, digits and hyphens.
 
 The full grid (CIFAR-10 and MNIST, lenet and resnet18, B = 1, 4, 8, 16, two stages, 16 batches) needs a
 GPU; every axis is a flag so that a small subset runs on a CPU, e.g.
@@ -26,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Any
@@ -33,18 +37,43 @@ from typing import Any
 import torch
 
 from grnn_engine import ATTACKS, TrialSpec, run_trial
-from grnn_engine.cli_values import run_command, user_error
+from grnn_engine.cli_values import parse_assignments, run_command, user_error
 from grnn_engine.errors import ConfigError, DataError
 
 DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "grnn:prior", "dlg", "idlg", "ig"]
+# A result label becomes one "_"-separated part of the result keys, so it holds no "_".
+_LABEL = re.compile(r"[A-Za-z0-9-]+")
 
 
 def parse_attack(text: str) -> tuple[str, str, dict[str, Any]]:
-    """'grnn:strong' -> ('grnn', 'strong', {'preset': 'strong'}); 'dlg' -> ('dlg', 'default', {})."""
-    name, _, preset = text.partition(":")
-    if not preset:
-        return name, "default", {}
-    return name, preset, {"preset": preset}
+    """'grnn:strong' -> ('grnn', 'strong', {'preset': 'strong'}); 'dlg' -> ('dlg', 'default', {});
+    'grnn:prior:prior=patch_gmm,prior_weight=0.03@gmm' -> ('grnn', 'gmm', {'preset': 'prior', 'prior':
+    'patch_gmm', 'prior_weight': 0.03}). The middle value is the label results are recorded under."""
+    setting, at, label = text.partition("@")
+    name, _, rest = setting.partition(":")
+    preset, _, assignments = rest.partition(":")
+    params: dict[str, Any] = {"preset": preset} if preset else {}
+    if assignments:
+        params.update(parse_assignments(assignments.split(","), f"--attacks {text}"))
+    if at and not _LABEL.fullmatch(label):
+        raise ConfigError(f"the label of --attacks {text!r} must be letters, digits and hyphens (got {label!r})")
+    if assignments and not at:
+        raise ConfigError(f"--attacks {text!r} sets attack parameters, so it needs a label to record them "
+                          f"under: add @label (letters, digits and hyphens)")
+    return name, label if at else preset or "default", params
+
+
+def attack_settings(texts: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The parsed --attacks, each checked by building its attack (a bad name or parameter stops the run
+    here, not in every trial), with no two recorded under one label."""
+    settings = [parse_attack(text) for text in texts]
+    for attack, _, params in settings:
+        ATTACKS.create(attack, **params)
+    labels = [(attack, label) for attack, label, _ in settings]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"--attacks records two settings under one label ({', '.join(texts)}); "
+                          f"give each its own @label")
+    return settings
 
 
 def result_key(attack: str, preset: str, victim: str, batch_size: int, dataset: str, fl_round: int) -> str:
@@ -56,15 +85,15 @@ def result_key(attack: str, preset: str, victim: str, batch_size: int, dataset: 
     return key
 
 
-def evaluation_ratio(preset: str) -> float:
-    """Victim-gradient evaluations of one GRNN trial with `preset` over the paper preset's (iterations *
+def evaluation_ratio(params: dict[str, Any]) -> float:
+    """Victim-gradient evaluations of one GRNN trial with `params` over the paper preset's (iterations *
     restarts + refine_iterations: each iteration evaluates the victim's gradient once)."""
-    params = {} if preset == "default" else {"preset": preset}
     return ATTACKS.create("grnn", **params).iterations / ATTACKS.create("grnn", preset="paper").iterations
 
 
-def headline(figures: dict[str, float]) -> dict[str, float]:
-    """The GRNN presets' CIFAR-10 / untrained lenet figures under short names (`prior_b1_psnr`, ...)."""
+def headline(figures: dict[str, float], grnn_params: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The GRNN presets' CIFAR-10 / untrained lenet figures under short names (`prior_b1_psnr`, ...);
+    `grnn_params` maps each GRNN label to its attack parameters."""
     out: dict[str, float] = {}
     for key, value in figures.items():
         parts = key.split("_")
@@ -74,7 +103,7 @@ def headline(figures: dict[str, float]) -> dict[str, float]:
         metric = "_".join(parts[4:])
         if metric in ("psnr", "ssim", "label_acc"):
             out[f"{parts[1]}_{parts[3]}_{metric}"] = value
-            out[f"{parts[1]}_eval_ratio"] = round(evaluation_ratio(parts[1]), 4)
+            out[f"{parts[1]}_eval_ratio"] = round(evaluation_ratio(grnn_params[parts[1]]), 4)
     return out
 
 
@@ -111,20 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--fl-rounds", nargs="+", type=int, default=[0, 5])
     parser.add_argument("--batches", type=int, default=16, help="batches per setting (batch k from seed k)")
-    parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS, help="name or name:preset")
+    parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS,
+                        help="name, name:preset or name:preset:key=value,...@label")
     parser.add_argument("--data-root", default=os.environ.get("GRNN_DATA_ROOT"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.batches < 1:
         parser.error(f"--batches must be >= 1 (got {args.batches})")
+    try:
+        settings = attack_settings(args.attacks)
+    except ConfigError as error:
+        return user_error(error)
+    grnn_params = {label: params for attack, label, params in settings if attack == "grnn"}
     torch.set_num_threads(args.threads)
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else None
     machine = gpu or f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
     print(f"# {datetime.date.today().isoformat()}  {platform.node()}  {machine}  torch {torch.__version__}")
     print(f"# {args.batches} batches per setting (seeds 0..{args.batches - 1}), data root {args.data_root}")
-    header = f"{'dataset':8} {'victim':9} {'round':>5} {'B':>3} {'attack':8} {'preset':8} " \
+    header = f"{'dataset':8} {'victim':9} {'round':>5} {'B':>3} {'attack':8} {'label':8} " \
              f"{'psnr':>6} {'ssim':>6} {'labels':>6} {'s/trial':>8}"
     print(header)
     figures: dict[str, float] = {}
@@ -133,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             for victim in args.victims:
                 for fl_round in args.fl_rounds:
                     for batch_size in args.batch_sizes:
-                        for text in args.attacks:
-                            attack, preset, params = parse_attack(text)
+                        for attack, preset, params in settings:
                             s = run_setting(attack, params, dataset=dataset, data_root=args.data_root,
                                             victim=victim, fl_round=fl_round, batch_size=batch_size,
                                             batches=args.batches, device=args.device)
@@ -147,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{s['s_per_trial']:8.1f}{note}", flush=True)
     except (ConfigError, DataError) as error:
         return user_error(error)
-    print(json.dumps({**headline(figures), **figures}))
+    print(json.dumps({**headline(figures, grnn_params), **figures}))
     return 0
 
 
