@@ -90,10 +90,15 @@ class Attack(ABC):
     name: ClassVar[str]
     iterations: int
     # The registered victims whose threat model the attack needs (e.g. the malicious server's `imprint` model);
-    # None: any. A user's victim by import path is refused by name unless `requires_batchnorm` lets it in.
+    # None: any. A user's victim by import path is refused by name unless `user_models` lets it in.
     requires_victims: ClassVar[tuple[str, ...] | None] = None
+    # What a user's model (a victim by import path) must be for an attack with `requires_victims`, in words
+    # ("a model of your own with BatchNorm layers"), when `check_model` tells it from the built model; None:
+    # users' models are refused by name.
+    user_models: ClassVar[str | None] = None
     # True: the attack reads BatchNorm running statistics, so the victim's built model must have BatchNorm
-    # layers that keep them; a user's victim by import path is then taken too, checked on its built model.
+    # layers that keep them (`check_model`; before a sweep the orchestrator checks each registered victim's
+    # param sets for them).
     requires_batchnorm: ClassVar[bool] = False
     # True for closed-form attacks: the answer does not depend on the generator.
     analytic: ClassVar[bool] = False
@@ -117,6 +122,13 @@ class Attack(ABC):
                               eval_every)  # fmt: skip
         return self._run(model, inputs)
 
+    @classmethod
+    def check_model(cls, model: nn.Module, victim: str) -> None:
+        """ConfigError (one sentence) when the built `model` of victim `victim` is not one the attack can run
+        on; run_trial calls it before any training."""
+        if cls.requires_batchnorm:
+            check_batchnorm(model, cls.name, victim)
+
     def bind_public_data(self, public: PublicData | None) -> None:
         """Where public images of the victim's domain are (a split disjoint from the attacked one; None when the
         batch comes from a dataset's `all`), for attacks with a learned prior; run_trial calls it before
@@ -138,28 +150,27 @@ def allowed_victims(attack: str) -> str | None:
     if needed is None:
         return None
     names = " or ".join(repr(v) for v in needed)
-    if getattr(cls, "requires_batchnorm", False):
-        return f"victim {names} or a model of your own with BatchNorm layers"
-    return f"victim {names}"
+    users = getattr(cls, "user_models", None)
+    return f"victim {names} or {users}" if users else f"victim {names}"
 
 
 def runs_on_victim(attack: str, victim: str) -> bool:
     """Whether victim `victim`'s name lets attack `attack` run on it (`requires_victims`); a user's model by
-    import path passes for a BatchNorm attack until its built model says otherwise (`check_batchnorm`)."""
+    import path passes for an attack with `user_models` until its built model says otherwise (`check_model`)."""
     cls = ATTACKS.get(attack)
     needed = getattr(cls, "requires_victims", None)
     if needed is None or victim in needed:
         return True
-    return bool(getattr(cls, "requires_batchnorm", False)) and is_import_path(victim)
+    return getattr(cls, "user_models", None) is not None and is_import_path(victim)
 
 
 def check_attack_victim(attack: str, victim: str, model: nn.Module | None = None) -> None:
     """ConfigError (one sentence) when attack `attack` cannot run on victim `victim`: by its name
-    (`runs_on_victim`) and, given the built `model`, by its BatchNorm layers (`requires_batchnorm`)."""
+    (`runs_on_victim`) and, given the built `model`, by what the attack asks of it (`Attack.check_model`)."""
     if not runs_on_victim(attack, victim):
         raise ConfigError(f"attack '{attack}' needs {allowed_victims(attack)} (got victim '{victim}')")
-    if model is not None and getattr(ATTACKS.get(attack), "requires_batchnorm", False):
-        check_batchnorm(model, attack, victim)
+    if model is not None:
+        ATTACKS.get(attack).check_model(model, victim)
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:

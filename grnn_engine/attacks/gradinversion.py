@@ -109,7 +109,7 @@ def _check_weight(name: str, value: object) -> float:
 @ATTACKS.register("gradinversion")
 class GradInversion(Attack):
     """GradInversion with the paper's settings (see the module docstring). Needs a BatchNorm victim: resnet18,
-    resnet20, or a user's model by import path with BatchNorm layers (`requires_batchnorm`).
+    resnet20, or a user's model by import path with BatchNorm layers (`user_models`, `requires_batchnorm`).
 
     Parameters: iterations (Adam steps), lr, grad_weight, bn_weight, tv_weight, l2_weight, langevin (noise
     scale relative to the current lr; 0 turns it off).
@@ -117,6 +117,7 @@ class GradInversion(Attack):
 
     name = "gradinversion"
     requires_victims = ("resnet20", "resnet18")
+    user_models = "a model of your own with BatchNorm layers"
     requires_batchnorm = True
 
     def __init__(

@@ -182,7 +182,13 @@ class RGap(Attack):
 
     name = "rgap"
     requires_victims = ("lenet_zhu",)
+    user_models = ("a model of your own of Conv2d and Linear layers with biases alternating with Sigmoid and "
+                   "ending in a Linear classifier")
     analytic = True
+
+    @classmethod
+    def check_model(cls, model: nn.Module, victim: str) -> None:
+        _layers(model)
 
     def __init__(self) -> None:
         self.iterations = 1

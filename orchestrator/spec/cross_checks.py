@@ -37,7 +37,7 @@ def check_utility(spec: SweepSpec, source: str) -> None:
 def check_attack_victims(spec: SweepSpec, source: str) -> None:
     """The grid runs every attack on every victim, so each attack must be able to run on each victim's name
     (the attack's `requires_victims`, as the trial checks it). A user's victim by import path passes here for
-    an attack that checks the built model (`requires_batchnorm`): its trials check it."""
+    an attack that checks the built model (`user_models`): its trials check it."""
     from grnn_engine.attacks.base import allowed_victims, runs_on_victim  # the engine, on first use
 
     for i, attack in enumerate(spec.grid.attack):

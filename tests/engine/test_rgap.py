@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from grnn_engine import ATTACKS, TrialSpec, run_trial
+from grnn_engine import ATTACKS, TrialSpec, fl, run_trial
 from grnn_engine.attacks.base import SharedUpdate, victim_gradient
 from grnn_engine.data import load_dataset, select_batch
 from grnn_engine.errors import ConfigError
 from grnn_engine.metrics import matched_psnr
-from grnn_engine.victims import create_victim
+from grnn_engine.victims import create_victim, victim_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+HERE = Path(__file__).resolve().parent  # user_models.py: victims as a user writes them
 
 
 def reconstruct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,3 +103,32 @@ def test_an_input_too_large_to_solve_is_refused_before_any_matrix_is_built() -> 
     images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match=r"n = 27648 inputs at image shape \(3, 96, 96\); allowed: at most 12288"):
         reconstruct(model, images, torch.tensor([3]))
+
+
+def _user_trial(victim: str, **extra: object) -> TrialSpec:
+    return TrialSpec(attack="rgap", victim=victim, dataset="digits", image_size=16, batch_size=1, seed=2,
+                     victim_fingerprint=victim_fingerprint(victim, {}, 16), **extra)  # type: ignore[arg-type]
+
+
+def test_a_users_sigmoid_model_by_import_path_is_inverted_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """R-GAP is not refused by name for a user's model: user_models.colour_net (Linear, Sigmoid, Linear, all
+    with biases) is of its form, and its one-image gradient gives the digit back exactly."""
+    monkeypatch.syspath_prepend(str(HERE))
+    result = run_trial(_user_trial("user_models:colour_net"))
+    assert result.status == "COMPLETE", result.error
+    assert result.metrics["psnr"] > 40 and result.metrics["label_acc"] == 1.0
+
+
+def test_a_users_model_rgap_cannot_invert_is_refused_before_any_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """user_models.GreyNet (conv, ReLU, pool, linear) is refused in one sentence, naming the model and what R-GAP
+    inverts, when the trial builds it: at fl_round 3, before any FL round is trained."""
+    monkeypatch.syspath_prepend(str(HERE))
+
+    def no_training(spec: TrialSpec) -> None:
+        raise AssertionError("the FL stage was trained before the model was checked")
+
+    monkeypatch.setattr(fl, "stage_for_trial", no_training)
+    with pytest.raises(ConfigError, match="needs layers that alternate weight layer and Sigmoid and end in a Linear "
+                                          "classifier; GreyNet does not") as err:
+        run_trial(_user_trial("user_models:GreyNet", fl_round=3))
+    assert "\n" not in str(err.value)

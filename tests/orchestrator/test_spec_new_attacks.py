@@ -99,7 +99,8 @@ RESNET = {"name": "resnet20", "params": {"bn_mode": "train"}}
         # R-GAP inverts sigmoid convolutions without pooling: GRNN's LeNet (max-pools) is not one
         ([{"name": "grnn"}, {"name": "rgap"}], ["lenet_zhu", "lenet"], "grid.attack[1]",
          "attack 'rgap' cannot run on victim 'lenet' of grid.victim[1], and the grid runs every attack on "
-         "every victim (got 'lenet'; allowed: victim 'lenet_zhu')"),
+         "every victim (got 'lenet'; allowed: victim 'lenet_zhu' or a model of your own of Conv2d and Linear "
+         "layers with biases alternating with Sigmoid and ending in a Linear classifier)"),
     ],
 )
 def test_an_attack_on_a_victim_it_cannot_run_on_is_refused_by_name(
@@ -111,6 +112,17 @@ def test_an_attack_on_a_victim_it_cannot_run_on_is_refused_by_name(
     message = str(err.value)
     assert err.value.path == path and message.startswith(f"pairs.yaml: {path}: ") and words in message, message
     assert "\n" not in message
+
+
+def test_an_attack_that_checks_the_built_model_takes_a_users_model_by_import_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """R-GAP and GradInversion say what a user's model must be (`user_models`): its name passes at load, its
+    trials check the built model."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "engine"))  # user_models.py
+    spec = parse_spec(_paired([{"name": "rgap"}], ["lenet_zhu", "user_models:colour_net"]), "pairs.yaml")
+    assert [v.name for v in spec.grid.victim] == ["lenet_zhu", "user_models:colour_net"]
+    assert parse_spec(_paired([GI], ["user_models:BatchNormNet"]), "pairs.yaml").grid.attack[0].name == "gradinversion"
 
 
 def test_a_batchnorm_attack_on_a_victim_built_without_batchnorm_is_refused_at_load(tmp_path: Path) -> None:
