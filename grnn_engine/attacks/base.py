@@ -169,8 +169,9 @@ def check_attack_victim(attack: str, victim: str, model: nn.Module | None = None
     (`runs_on_victim`) and, given the built `model`, by what the attack asks of it (`Attack.check_model`)."""
     if not runs_on_victim(attack, victim):
         raise ConfigError(f"attack '{attack}' needs {allowed_victims(attack)} (got victim '{victim}')")
-    if model is not None:
-        ATTACKS.get(attack).check_model(model, victim)
+    check_model = getattr(ATTACKS.get(attack), "check_model", None)  # registered factories may be plain callables
+    if model is not None and check_model is not None:
+        check_model(model, victim)
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
