@@ -322,9 +322,22 @@ class Quantize(Defense):
 
 @_register("sign")
 class Sign(Defense):
-    """signSGD: shares only the sign of every entry (-1, 0 or +1)."""
+    """signSGD: shares only the sign of every entry (-1, 0 or +1).
+
+    `scale: mean` shares each tensor's signs times its mean absolute entry, the scaled sign of EF-signSGD
+    (Karimireddy et al. 2019): one number more per tensor, but the update keeps its size, so FedAvg, which adds
+    the shared deltas to the model, still trains (plain signs move every weight by 1 a round and break it).
+    """
+
+    PARAMS = {"scale": ParamSpec(str, choices=("none", "mean"),
+                                 doc="none: signs only; mean: each tensor's signs times its mean absolute entry")}
+
+    def __init__(self, *, scale: str = "none") -> None:
+        self.scale = _checked(Sign, "scale", scale)
 
     def defend_update(self, tensors: Grads, generator: torch.Generator) -> Grads:
+        if self.scale == "mean":
+            return tuple(torch.sign(t) * t.abs().mean() for t in tensors)
         return tuple(torch.sign(t) for t in tensors)
 
 

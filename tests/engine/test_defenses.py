@@ -186,6 +186,16 @@ def test_sign_is_minus_one_zero_or_one(client: ClientBatch) -> None:
     assert all(set(t.unique().tolist()) <= {-1.0, 0.0, 1.0} for t in out)
 
 
+def test_scaled_sign_keeps_each_tensors_mean_magnitude(client: ClientBatch) -> None:
+    update = SharedUpdate(tensors=(torch.tensor([-2.0, 0.0, 1.0, 3.0]), *_gradient(client).tensors))
+    out = _apply("sign", {"scale": "mean"}, update, client).tensors
+    assert out[0].tolist() == [-1.5, 0.0, 1.5, 1.5]
+    for shared, plain in zip(out, update.tensors, strict=True):
+        assert torch.equal(shared, torch.sign(plain) * plain.abs().mean())
+    with pytest.raises(ConfigError, match=r"sign scale must be one of none, mean \(got 'max'\)"):
+        create_defense("sign", {"scale": "max"})
+
+
 def test_clip_bounds_the_norm_of_the_whole_update(client: ClientBatch) -> None:
     update = _gradient(client)
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in update.tensors))
