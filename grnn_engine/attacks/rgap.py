@@ -188,6 +188,7 @@ class RGap(Attack):
 
     @classmethod
     def check_model(cls, model: nn.Module, victim: str) -> None:
+        """The layer checks of `_layers` on the built model (their order is checked at run time, on an image)."""
         _layers(model)
 
     def __init__(self) -> None:
