@@ -93,6 +93,7 @@ def patch_prior_key(public: PublicData, settings: PriorSettings) -> str:
 def fit_patch_gmm(public: PublicData, settings: PriorSettings) -> tuple[PatchGMMPrior, int]:
     """The mixture fitted on PATCHES random patches of the public images, and how many images they came from."""
     from sklearn.mixture import GaussianMixture  # only a fit needs it (about 1 s to import)
+    from threadpoolctl import threadpool_limits
 
     if public.image_size < PATCH:
         raise ConfigError(f"the patch prior needs images of at least {PATCH} x {PATCH} pixels; "
@@ -108,8 +109,12 @@ def fit_patch_gmm(public: PublicData, settings: PriorSettings) -> tuple[PatchGMM
                      .transpose(1, 2).reshape(-1, patches.shape[1]))
     samples = torch.cat(drawn)
     kept = samples[torch.randperm(len(samples), generator=generator)[:PATCHES]].double().numpy()
-    mixture = GaussianMixture(COMPONENTS, covariance_type="full", reg_covar=_REG_COVAR, max_iter=_EM_ITERATIONS,
-                              random_state=settings.seed).fit(kept)
+    # EM is BLAS products (its k-means start OpenMP loops), held to the threads torch may use (a trial's CPUs):
+    # unlimited, BLAS starts a thread per core, and beside other work they contend. Measured on MNIST patches,
+    # 2-core CPU beside two other jobs, 2026-12-06: 4-6 s an EM step on one thread, 21-46 s on two.
+    with threadpool_limits(limits=torch.get_num_threads()):
+        mixture = GaussianMixture(COMPONENTS, covariance_type="full", reg_covar=_REG_COVAR,
+                                  max_iter=_EM_ITERATIONS, random_state=settings.seed).fit(kept)
     shape = (3, public.image_size, public.image_size)
     prior = PatchGMMPrior(torch.from_numpy(mixture.weights_).log().float(), torch.from_numpy(mixture.means_).float(),
                           torch.from_numpy(mixture.precisions_cholesky_).float(), shape)

@@ -91,3 +91,26 @@ def test_the_patch_prior_is_keyed_by_what_it_depends_on(cache: pathlib.Path) -> 
 def test_images_smaller_than_a_patch_are_a_config_error(cache: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match="the patch prior needs images of at least 6 x 6 pixels; image_size is 4"):
         load_or_fit_patch_prior(PublicData("digits", "train", 4), PriorSettings())
+
+
+def test_the_fit_uses_only_the_threads_torch_may_use(cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EM's BLAS (and its k-means start's OpenMP) is held to torch's thread count for the fit, as a trial's
+    CPUs are: unlimited, BLAS takes every core and, beside other work, runs several times slower."""
+    from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_info
+
+    seen: list[int] = []
+    fit = GaussianMixture.fit
+
+    def counting_fit(self: GaussianMixture, x: object) -> GaussianMixture:
+        seen.extend(pool["num_threads"] for pool in threadpool_info())
+        return fit(self, x)
+
+    monkeypatch.setattr(GaussianMixture, "fit", counting_fit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_or_fit_patch_prior(PublicData("digits", "train", 16), PriorSettings())
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
