@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -92,6 +93,7 @@ def patch_prior_key(public: PublicData, settings: PriorSettings) -> str:
 
 def fit_patch_gmm(public: PublicData, settings: PriorSettings) -> tuple[PatchGMMPrior, int]:
     """The mixture fitted on PATCHES random patches of the public images, and how many images they came from."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture  # only a fit needs it (about 1 s to import)
     from threadpoolctl import threadpool_limits
 
@@ -112,7 +114,10 @@ def fit_patch_gmm(public: PublicData, settings: PriorSettings) -> tuple[PatchGMM
     # EM is BLAS products (its k-means start OpenMP loops), held to the threads torch may use (a trial's CPUs):
     # unlimited, BLAS starts a thread per core, and beside other work they contend. Measured on MNIST patches,
     # 2-core CPU beside two other jobs, 2026-12-06: 4-6 s an EM step on one thread, 21-46 s on two.
-    with threadpool_limits(limits=torch.get_num_threads()):
+    # _EM_ITERATIONS is the fit's budget: on grey digits EM is still improving when it ends, which scikit-learn
+    # warns of; that is expected here, not a fault to show the user.
+    with threadpool_limits(limits=torch.get_num_threads()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
         mixture = GaussianMixture(COMPONENTS, covariance_type="full", reg_covar=_REG_COVAR,
                                   max_iter=_EM_ITERATIONS, random_state=settings.seed).fit(kept)
     shape = (3, public.image_size, public.image_size)

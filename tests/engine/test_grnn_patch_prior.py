@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -114,3 +115,15 @@ def test_the_fit_uses_only_the_threads_torch_may_use(cache: pathlib.Path, monkey
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
+
+
+def test_a_fit_that_spends_its_em_budget_warns_nobody(cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One EM step cannot converge: scikit-learn's ConvergenceWarning stays inside the fit (the budget is the
+    design), so a trial's output shows none."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    monkeypatch.setattr(patch_prior, "_EM_ITERATIONS", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        prior = load_or_fit_patch_prior(PublicData("digits", "train", 16), PriorSettings())
+    assert prior.means.shape[0] == patch_prior.COMPONENTS
