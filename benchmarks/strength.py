@@ -15,11 +15,11 @@ GPU; every axis is a flag so that a small subset runs on a CPU, e.g.
     python benchmarks/strength.py --datasets cifar10 --victims lenet --batch-sizes 1 --fl-rounds 0 --batches 4
 
 Prints one row per setting, then one JSON line of
-`<attack>_<preset>_<victim>_b<B>[_<dataset>][_r<round>]_{psnr,ssim,label_acc}` (the dataset is left out
+`<attack>_<label>_<victim>_b<B>[_<dataset>][_r<round>]_{psnr,ssim,label_acc}` (the dataset is left out
 for cifar10 and the round for round 0, so `grnn_strong_lenet_b4_psnr` is CIFAR-10, untrained lenet).
-The headline figures of every GRNN preset measured on CIFAR-10, untrained lenet, are repeated under short
-names: `<preset>_b<B>_{psnr,ssim,label_acc}` (e.g. `prior_b1_psnr`, `paper_b8_psnr`), with
-`<preset>_eval_ratio`, its victim-gradient evaluations per trial over the paper preset's.
+The headline figures of every GRNN setting measured on CIFAR-10, untrained lenet, are repeated under short
+names: `<label>_b<B>_{psnr,ssim,label_acc}` (e.g. `prior_b1_psnr`, `paper_b8_psnr`), with
+`<label>_eval_ratio`, its victim-gradient evaluations per trial over the paper preset's.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def attack_settings(texts: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     return settings
 
 
-def result_key(attack: str, preset: str, victim: str, batch_size: int, dataset: str, fl_round: int) -> str:
-    key = f"{attack}_{preset}_{victim}_b{batch_size}"
+def result_key(attack: str, label: str, victim: str, batch_size: int, dataset: str, fl_round: int) -> str:
+    key = f"{attack}_{label}_{victim}_b{batch_size}"
     if dataset != "cifar10":
         key += f"_{dataset}"
     if fl_round:
@@ -92,12 +92,12 @@ def evaluation_ratio(params: dict[str, Any]) -> float:
 
 
 def headline(figures: dict[str, float], grnn_params: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The GRNN presets' CIFAR-10 / untrained lenet figures under short names (`prior_b1_psnr`, ...);
+    """The GRNN settings' CIFAR-10 / untrained lenet figures under short names (`prior_b1_psnr`, ...);
     `grnn_params` maps each GRNN label to its attack parameters."""
     out: dict[str, float] = {}
     for key, value in figures.items():
         parts = key.split("_")
-        # grnn_<preset>_lenet_b<B>_<metric...>: cifar10 and round 0 are the keys without those parts.
+        # grnn_<label>_lenet_b<B>_<metric...>: cifar10 and round 0 are the keys without those parts.
         if parts[0] != "grnn" or parts[2] != "lenet" or not parts[3].startswith("b") or not parts[3][1:].isdigit():
             continue
         metric = "_".join(parts[4:])
@@ -168,15 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             for victim in args.victims:
                 for fl_round in args.fl_rounds:
                     for batch_size in args.batch_sizes:
-                        for attack, preset, params in settings:
+                        for attack, label, params in settings:
                             s = run_setting(attack, params, dataset=dataset, data_root=args.data_root,
                                             victim=victim, fl_round=fl_round, batch_size=batch_size,
                                             batches=args.batches, device=args.device)
-                            key = result_key(attack, preset, victim, batch_size, dataset, fl_round)
+                            key = result_key(attack, label, victim, batch_size, dataset, fl_round)
                             for metric in ("psnr", "ssim", "label_acc"):
                                 figures[f"{key}_{metric}"] = round(s[metric], 4)
                             note = f"  ({s['failed']} failed)" if s["failed"] else ""
-                            print(f"{dataset:8} {victim:9} {fl_round:5d} {batch_size:3d} {attack:8} {preset:8} "
+                            print(f"{dataset:8} {victim:9} {fl_round:5d} {batch_size:3d} {attack:8} {label:8} "
                                   f"{s['psnr']:6.2f} {s['ssim']:6.3f} {s['label_acc']:6.2f} "
                                   f"{s['s_per_trial']:8.1f}{note}", flush=True)
     except (ConfigError, DataError) as error:
