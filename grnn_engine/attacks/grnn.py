@@ -130,8 +130,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # `strong` with the learned Gaussian image prior (attacks/image_prior.py) in place of the TV prior. The patch
 # mixture (`prior: patch_gmm`) measured equal at B=1 and B=16, +0.2 dB at B=4 and +0.36 dB at B=8 on CIFAR-10
 # (README), but on MNIST it loses 4.5 dB at B=1 and 2.3 dB at B=8, so it is not the preset's default. Keeping
-# strong's TV (tv_weight 0.3) beside the Gaussian gained 0.2-0.5 dB from B=4 up on CIFAR-10 and MNIST and lost
-# 0.1-0.3 dB at B=1 (README); not adopted until MNIST B=4/16 and a ResNet are measured with it.
+# strong's TV (tv_weight 0.3) beside the Gaussian gained 0.2-0.5 dB from B=4 up on CIFAR-10, but lost 1.5 dB at
+# B=4 on MNIST and 0.1-0.3 dB at B=1 (README), so the preset leaves TV out.
 PRESETS["prior"] = {
     **PRESETS["strong"],
     "iterations": 3000,
