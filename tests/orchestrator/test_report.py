@@ -240,13 +240,13 @@ def test_privacy_utility_figure_only_with_utility(defenses_df: pd.DataFrame) -> 
 
 
 def test_privacy_utility_of_a_real_utility_sweep_plots_every_defense_setting() -> None:
-    """A real `utility: true` ledger (results/defenses_cpu_utility, 16 defense settings, a FedAvg chain per setting
+    """A real `utility: true` ledger (results/defenses_cpu_utility, 17 defense settings, a FedAvg chain per setting
     and seed): its rows carry the training defense in fl.defense / fl.defense_params, which repeat the defense
     setting and must not count as an axis the figure would pool; a setting's utility is the mean over its seeds."""
     df = load(Path(__file__).resolve().parents[2] / "results" / "defenses_cpu_utility")
     assert df["fl.defense"].nunique() == 8 and df["seed"].nunique() == 3
     values = report.privacy_utility_values(df)
-    assert len(values) == 16 and values.index[0] == "none"
+    assert len(values) == 17 and values.index[0] == "none"
     by_setting = report.with_settings(df).groupby("defense_setting")["utility_acc"].mean()
     assert values["utility"].to_dict() == pytest.approx(by_setting.loc[values.index].to_dict())
     report.privacy_utility_figure(df)
