@@ -56,6 +56,9 @@ class TrialSpec:
             del out["reid"], out["reid_params"]
         if self.victim_fingerprint is None:
             del out["victim_fingerprint"]  # likewise: registered victims' keys stay as they were
+        revision = _attack_revision(self.attack, self.attack_params)
+        if revision:
+            out["attack_revision"] = revision  # likewise: left out at 0, the revision of every attack until re-tuned
         return out
 
     def key(self) -> str:
@@ -66,3 +69,14 @@ class TrialSpec:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _attack_revision(attack: str, params: dict[str, Any]) -> int:
+    """The registered attack's `Attack.revision` for these parameters; 0 for a name the registry lacks (the
+    spec's validation reports it)."""
+    from grnn_engine.attacks import ATTACKS  # here: the attacks import torch, and a TrialSpec is plain data
+
+    if attack not in ATTACKS:
+        return 0
+    revision = getattr(ATTACKS.get(attack), "revision", None)
+    return int(revision(params)) if revision is not None else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -128,6 +128,14 @@ class Attack(ABC):
         on; run_trial calls it before any training."""
         if cls.requires_batchnorm:
             check_batchnorm(model, cls.name, victim)
+
+    @classmethod
+    def revision(cls, params: Mapping[str, Any]) -> int:
+        """How many times what the attack computes with `params` has been changed on purpose since it was
+        first released (a preset re-tuned); 0 until then. A non-zero revision enters the trial key
+        (TrialSpec.canonical), so that a sweep resumed after such an upgrade recomputes the cells it changed
+        instead of keeping their old rows."""
+        return 0
 
     def bind_public_data(self, public: PublicData | None) -> None:
         """Where public images of the victim's domain are (a split disjoint from the attacked one; None when the

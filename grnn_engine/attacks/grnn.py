@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,10 @@ PRESETS["prior"] = {
     "prior_weight": None,
     "tv_weight": 0.0,
 }
+
+# Each preset's revision (Attack.revision): raised by one whenever a preset's knob values change, so that the
+# trial keys of its cells change with them and a resumed sweep recomputes them.
+PRESET_REVISIONS = {"paper": 0, "strong": 0, "prior": 0}
 
 
 def wasserstein_layer_distance(fake: Sequence[Tensor], true_sorted: Sequence[Tensor]) -> Tensor:
@@ -387,6 +391,11 @@ class GRNN(Attack):
 
     def bind_public_data(self, public: PublicData | None) -> None:
         self.public_data = public
+
+    @classmethod
+    def revision(cls, params: Mapping[str, Any]) -> int:
+        preset = params.get("preset", "paper")
+        return PRESET_REVISIONS.get(preset, 0) if isinstance(preset, str) else 0
 
     def _tv_weight(self, params: Sequence[Tensor]) -> float:
         if self.tv_weight is not None:

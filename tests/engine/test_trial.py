@@ -13,6 +13,7 @@ from PIL import Image
 
 from grnn_engine import ATTACKS, TrialSpec, run_trial
 from grnn_engine.__main__ import main
+from grnn_engine.attacks import grnn
 from grnn_engine.data import load_dataset, select_batch
 from grnn_engine.errors import ConfigError
 from grnn_engine.trial import client_update
@@ -55,6 +56,16 @@ def test_trial_key_ignores_where_it_runs_but_not_what_it_computes() -> None:
     assert TrialSpec(data_root="/a", device="cpu").key() == TrialSpec(data_root="/b", device="auto").key()
     assert TrialSpec(seed=1).key() != TrialSpec(seed=2).key()
     assert TrialSpec(attack_params={"lr": 1e-3}).key() != TrialSpec(attack_params={"lr": 2e-3}).key()
+
+
+def test_a_presets_revision_changes_the_keys_of_its_cells_and_no_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    prior, paper = TrialSpec(attack_params={"preset": "prior"}), TrialSpec(attack_params={"preset": "paper"})
+    prior_key, paper_key = prior.key(), paper.key()
+    assert "attack_revision" not in prior.canonical()  # revision 0: keys as they were before revisions existed
+    monkeypatch.setitem(grnn.PRESET_REVISIONS, "prior", 1)
+    assert prior.canonical()["attack_revision"] == 1 and prior.key() != prior_key
+    assert paper.key() == paper_key and "attack_revision" not in TrialSpec(attack="dlg").canonical()
+    assert "attack_revision" not in TrialSpec(attack_params={"preset": ["prior"]}).canonical()  # validation's to refuse
 
 
 def test_fedsgd_update_is_the_batch_gradient() -> None:
