@@ -113,6 +113,14 @@ def test_the_prior_preset_is_strong_plus_the_learned_prior() -> None:
     assert ATTACKS.create("grnn", preset="prior").iterations == 3 * ATTACKS.create("grnn").iterations
 
 
+def test_the_prior_preset_keeps_tv_beside_the_prior_on_a_small_model_only() -> None:
+    attack = ATTACKS.create("grnn", preset="prior")
+    lenet = list(create_victim("lenet", num_classes=10, seed=0).parameters())
+    resnet = list(create_victim("resnet18", num_classes=10, seed=0).parameters())
+    assert attack._tv_weight(lenet) == 0.6 and attack._tv_weight(resnet) == 0.0
+    assert ATTACKS.create("grnn", preset="prior", tv_weight=0.0)._tv_weight(lenet) == 0.0
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [

@@ -59,11 +59,12 @@ def test_trial_key_ignores_where_it_runs_but_not_what_it_computes() -> None:
 
 
 def test_a_presets_revision_changes_the_keys_of_its_cells_and_no_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(grnn.PRESET_REVISIONS, "prior", 0)
     prior, paper = TrialSpec(attack_params={"preset": "prior"}), TrialSpec(attack_params={"preset": "paper"})
     prior_key, paper_key = prior.key(), paper.key()
     assert "attack_revision" not in prior.canonical()  # revision 0: keys as they were before revisions existed
-    monkeypatch.setitem(grnn.PRESET_REVISIONS, "prior", 1)
-    assert prior.canonical()["attack_revision"] == 1 and prior.key() != prior_key
+    monkeypatch.setitem(grnn.PRESET_REVISIONS, "prior", 2)
+    assert prior.canonical()["attack_revision"] == 2 and prior.key() != prior_key
     assert paper.key() == paper_key and "attack_revision" not in TrialSpec(attack="dlg").canonical()
     assert "attack_revision" not in TrialSpec(attack_params={"preset": ["prior"]}).canonical()  # validation's to refuse
 
