@@ -2,7 +2,7 @@
 
 A generator maps one fixed noise vector per image to an image (and, through a second branch, to a soft
 label); its weights, not the pixels, are fitted so that the victim's gradient on the generated batch
-matches the shared gradient. Two presets:
+matches the shared gradient. Three presets:
 
 - `paper` (the default, for reproduction): the authors' code (github Rand2AI/GRNN): RMSprop lr 1e-4,
   momentum 0.99, 1000 iterations, noise dimension 128, learned labels, the last iterate returned,
@@ -16,9 +16,9 @@ matches the shared gradient. Two presets:
 - `strong` (for audits): settings found by measurement (benchmarks/strength_search.py; the log and the
   numbers are in the README), see `PRESETS`.
 - `prior`: `strong` with a learned image prior (beside twice its TV on a LeNet-sized model): the Gaussian of
-  public images of the victim's domain (attacks/image_prior.py; `prior: patch_gmm` is a Gaussian mixture over their small patches,
-  attacks/patch_prior.py), fitted on the dataset split the private batch is not drawn from, and all 3000
-  evaluations spent on the generator.
+  public images of the victim's domain (attacks/image_prior.py; `prior: patch_gmm` is a Gaussian mixture over
+  their small patches, attacks/patch_prior.py), fitted on the dataset split the private batch is not drawn
+  from, and all 3000 evaluations spent on the generator.
 
 Every knob is a parameter; one given explicitly overrides the preset's value. Restarts and the choice of
 iterate use only the gradient loss, which the attacker sees, never the truth.
