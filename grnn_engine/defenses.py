@@ -324,19 +324,21 @@ class Quantize(Defense):
 class Sign(Defense):
     """signSGD: shares only the sign of every entry (-1, 0 or +1).
 
-    `scale: mean` shares each tensor's signs times its mean absolute entry, the scaled sign of EF-signSGD
+    `magnitude: mean` shares each tensor's signs times its mean absolute entry, the scaled sign of EF-signSGD
     (Karimireddy et al. 2019): one number more per tensor, but the update keeps its size, so FedAvg, which adds
     the shared deltas to the model, still trains (plain signs move every weight by 1 a round and break it).
     """
 
-    PARAMS = {"scale": ParamSpec(str, choices=("none", "mean"),
-                                 doc="none: signs only; mean: each tensor's signs times its mean absolute entry")}
+    # Not called `scale`: laplace's `scale` is a number, and one parameter name with two types across
+    # plugins would make its results column text (README, results schema).
+    PARAMS = {"magnitude": ParamSpec(str, choices=("none", "mean"),
+                                     doc="none: signs only; mean: each tensor's signs times its mean absolute entry")}
 
-    def __init__(self, *, scale: str = "none") -> None:
-        self.scale = _checked(Sign, "scale", scale)
+    def __init__(self, *, magnitude: str = "none") -> None:
+        self.magnitude = _checked(Sign, "magnitude", magnitude)
 
     def defend_update(self, tensors: Grads, generator: torch.Generator) -> Grads:
-        if self.scale == "mean":
+        if self.magnitude == "mean":
             return tuple(torch.sign(t) * t.abs().mean() for t in tensors)
         return tuple(torch.sign(t) for t in tensors)
 

@@ -88,6 +88,17 @@ def test_registry_holds_every_defense() -> None:
     assert set(STRONG) | {"none", "sign"} <= set(DEFENSES.names())
 
 
+def test_a_parameter_name_has_one_type_across_defenses() -> None:
+    """Results hold one `defense.<name>` column per parameter name; two types under one name would make it
+    text, and `df["defense.scale"] == 0.01` would then match nothing."""
+    kinds: dict[str, set[type]] = {}
+    for name in DEFENSES.names():
+        for param, spec in getattr(DEFENSES.get(name), "PARAMS", {}).items():
+            kinds.setdefault(param, set()).add(spec.kind)
+    assert kinds["scale"] == {float}
+    assert {param: k for param, k in kinds.items() if len(k) > 1} == {}
+
+
 @pytest.mark.parametrize("name", DEFENSES.names())
 @pytest.mark.parametrize("kind", ["fedsgd", "fedavg"])
 def test_contract_shapes_finite_deterministic(name: str, kind: str, client: ClientBatch) -> None:
@@ -188,12 +199,12 @@ def test_sign_is_minus_one_zero_or_one(client: ClientBatch) -> None:
 
 def test_scaled_sign_keeps_each_tensors_mean_magnitude(client: ClientBatch) -> None:
     update = SharedUpdate(tensors=(torch.tensor([-2.0, 0.0, 1.0, 3.0]), *_gradient(client).tensors))
-    out = _apply("sign", {"scale": "mean"}, update, client).tensors
+    out = _apply("sign", {"magnitude": "mean"}, update, client).tensors
     assert out[0].tolist() == [-1.5, 0.0, 1.5, 1.5]
     for shared, plain in zip(out, update.tensors, strict=True):
         assert torch.equal(shared, torch.sign(plain) * plain.abs().mean())
-    with pytest.raises(ConfigError, match=r"sign scale must be one of none, mean \(got 'max'\)"):
-        create_defense("sign", {"scale": "max"})
+    with pytest.raises(ConfigError, match=r"sign magnitude must be one of none, mean \(got 'max'\)"):
+        create_defense("sign", {"magnitude": "max"})
 
 
 def test_clip_bounds_the_norm_of_the_whole_update(client: ClientBatch) -> None:

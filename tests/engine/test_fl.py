@@ -79,12 +79,12 @@ def test_fedavg_learns_digits(trained: tuple[Path, dict[int, dict[str, Any]], in
     assert loss[4] < loss[2] < loss[0], loss
 
 
-@pytest.mark.parametrize(("scale", "learns"), [("none", False), ("mean", True)])
-def test_fedavg_under_sign_trains_only_with_scaled_signs(tmp_path: Path, scale: str, learns: bool) -> None:
+@pytest.mark.parametrize(("magnitude", "learns"), [("none", False), ("mean", True)])
+def test_fedavg_under_sign_trains_only_with_scaled_signs(tmp_path: Path, magnitude: str, learns: bool) -> None:
     """Every client shares the signs of its delta (`utility: true` with defense sign): plain signs move each
     weight by 1 a round and FedAvg stays at chance; scaled by each tensor's mean magnitude it learns (measured:
     0.097 and 0.791 at round 4, 0.836 undefended)."""
-    settings = FLSettings(**FAST, defense="sign", defense_params={"scale": scale})
+    settings = FLSettings(**FAST, defense="sign", defense_params={"magnitude": magnitude})
     stages = _chain(tmp_path, [0, 4], settings)
     assert (stages[4]["model_acc"] >= 0.5) == learns, stages[4]["model_acc"]
 
