@@ -19,7 +19,10 @@ Prints one row per setting, then one JSON line of
 for cifar10 and the round for round 0, so `grnn_strong_lenet_b4_psnr` is CIFAR-10, untrained lenet).
 The headline figures of every GRNN setting measured on CIFAR-10, untrained lenet, are repeated under short
 names: `<label>_b<B>_{psnr,ssim,label_acc}` (e.g. `prior_b1_psnr`, `paper_b8_psnr`), with
-`<label>_eval_ratio`, its victim-gradient evaluations per trial over the paper preset's.
+`<label>_eval_ratio`, its victim-gradient evaluations per trial over the paper preset's. Every PSNR comes
+with `..._psnr_se`, the standard error of its mean over the batches (their standard deviation over the square
+root of their number): batches differ by several dB, so two means closer than about twice their standard errors
+do not tell the settings apart.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -40,6 +44,7 @@ from grnn_engine import ATTACKS, TrialSpec, run_trial
 from grnn_engine.cli_values import parse_assignments, run_command, user_error
 from grnn_engine.errors import ConfigError, DataError
 
+METRICS = ("psnr", "psnr_se", "ssim", "label_acc")  # the figures of every setting in the JSON
 DEFAULT_ATTACKS = ["grnn:paper", "grnn:strong", "grnn:prior", "dlg", "idlg", "ig"]
 # A result label becomes one "_"-separated part of the result keys, so it holds no "_".
 _LABEL = re.compile(r"[A-Za-z0-9-]+")
@@ -101,15 +106,21 @@ def headline(figures: dict[str, float], grnn_params: dict[str, dict[str, Any]]) 
         if parts[0] != "grnn" or parts[2] != "lenet" or not parts[3].startswith("b") or not parts[3][1:].isdigit():
             continue
         metric = "_".join(parts[4:])
-        if metric in ("psnr", "ssim", "label_acc"):
+        if metric in METRICS:
             out[f"{parts[1]}_{parts[3]}_{metric}"] = value
             out[f"{parts[1]}_eval_ratio"] = round(evaluation_ratio(grnn_params[parts[1]]), 4)
     return out
 
 
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values` (sample standard deviation over root n); NaN below two."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
 def run_setting(attack: str, params: dict[str, Any], *, dataset: str, data_root: str | None, victim: str,
                 fl_round: int, batch_size: int, batches: int, device: str) -> dict[str, float]:
-    """Mean psnr / ssim / label_acc (and seconds per trial) over batches 0..batches-1 of one setting."""
+    """Mean psnr (and its standard error) / ssim / label_acc and seconds per trial over batches
+    0..batches-1 of one setting."""
     psnr, ssim, acc, seconds, failed = [], [], [], [], 0
     for seed in range(batches):
         spec = TrialSpec(attack=attack, attack_params=params, dataset=dataset, data_root=data_root, victim=victim,
@@ -126,6 +137,7 @@ def run_setting(attack: str, params: dict[str, Any], *, dataset: str, data_root:
     nan = float("nan")
     return {
         "psnr": statistics.fmean(psnr) if psnr else nan,
+        "psnr_se": standard_error(psnr),
         "ssim": statistics.fmean(ssim) if ssim else nan,
         "label_acc": statistics.fmean(acc) if acc else nan,
         "s_per_trial": statistics.fmean(seconds),
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {datetime.date.today().isoformat()}  {platform.node()}  {machine}  torch {torch.__version__}")
     print(f"# {args.batches} batches per setting (seeds 0..{args.batches - 1}), data root {args.data_root}")
     header = f"{'dataset':8} {'victim':9} {'round':>5} {'B':>3} {'attack':8} {'label':8} " \
-             f"{'psnr':>6} {'ssim':>6} {'labels':>6} {'s/trial':>8}"
+             f"{'psnr':>6} {'+-se':>5} {'ssim':>6} {'labels':>6} {'s/trial':>8}"
     print(header)
     figures: dict[str, float] = {}
     try:
@@ -173,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                                             victim=victim, fl_round=fl_round, batch_size=batch_size,
                                             batches=args.batches, device=args.device)
                             key = result_key(attack, label, victim, batch_size, dataset, fl_round)
-                            for metric in ("psnr", "ssim", "label_acc"):
+                            for metric in METRICS:
                                 figures[f"{key}_{metric}"] = round(s[metric], 4)
                             note = f"  ({s['failed']} failed)" if s["failed"] else ""
                             print(f"{dataset:8} {victim:9} {fl_round:5d} {batch_size:3d} {attack:8} {label:8} "
-                                  f"{s['psnr']:6.2f} {s['ssim']:6.3f} {s['label_acc']:6.2f} "
+                                  f"{s['psnr']:6.2f} {s['psnr_se']:5.2f} {s['ssim']:6.3f} {s['label_acc']:6.2f} "
                                   f"{s['s_per_trial']:8.1f}{note}", flush=True)
     except (ConfigError, DataError) as error:
         return user_error(error)

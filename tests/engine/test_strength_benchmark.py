@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import pathlib
 from types import ModuleType
 
@@ -60,6 +61,14 @@ def test_a_labelled_setting_runs_and_is_reported_under_its_label(
         assert 0 < figures[f"grnn_{label}_lenet_b1_digits_psnr"] < 100
         assert 0 <= figures[f"grnn_{label}_lenet_b1_digits_label_acc"] <= 1
     assert figures["grnn_short_lenet_b1_digits_psnr"] != figures["grnn_long_lenet_b1_digits_psnr"]
+    # Two batches: the standard error of their mean PSNR is half the distance between them; it needs both.
+    assert 0 < figures["grnn_short_lenet_b1_digits_psnr_se"] < 50
+
+
+def test_the_psnr_standard_error_is_the_batches_spread_over_root_n(strength: ModuleType) -> None:
+    assert strength.standard_error([20.0, 24.0, 26.0, 30.0]) == pytest.approx(4.1633320 / 2)  # stdev / sqrt(4)
+    assert strength.standard_error([17.0, 19.0]) == pytest.approx(1.0)
+    assert math.isnan(strength.standard_error([17.0]))
 
 
 def test_a_bad_setting_exits_2_in_one_sentence(strength: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
