@@ -48,23 +48,30 @@ class TrialSpec:
     reid: str | None = None
     reid_params: dict[str, Any] = field(default_factory=dict)
 
-    def canonical(self) -> dict[str, Any]:
-        """The fields that define what is computed, as a JSON-ready dict."""
+    def canonical(self, revision: int | None = None) -> dict[str, Any]:
+        """The fields that define what is computed, as a JSON-ready dict; `revision` None: the attack's
+        current revision (`Attack.revision`), else the one given (an earlier revision's canonical form)."""
         out = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
         if self.reid is None:
             # Left out when unset, so the keys of trials specified before reid existed do not change.
             del out["reid"], out["reid_params"]
         if self.victim_fingerprint is None:
             del out["victim_fingerprint"]  # likewise: registered victims' keys stay as they were
-        revision = _attack_revision(self.attack, self.attack_params)
+        if revision is None:
+            revision = _attack_revision(self.attack, self.attack_params)
         if revision:
             out["attack_revision"] = revision  # likewise: left out at 0, the revision of every attack until re-tuned
         return out
 
-    def key(self) -> str:
+    def key(self, revision: int | None = None) -> str:
         """Stable 16-hex-digit hash of the canonical JSON (sorted keys): same cell, same key, anywhere."""
-        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), default=str)
+        text = json.dumps(self.canonical(revision), sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def earlier_keys(self) -> list[str]:
+        """The keys this cell had under its attack's earlier revisions (0 up to the current one, excluded):
+        results under them were computed by settings since re-tuned, and are superseded by this cell's."""
+        return [self.key(r) for r in range(_attack_revision(self.attack, self.attack_params))]
 
     @classmethod
     def field_names(cls) -> list[str]:

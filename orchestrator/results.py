@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -384,6 +386,31 @@ class Ledger:
         meta = {_META_NEWEST_PART: str(newest).encode()}
         _atomic_write_table(self.trials_path, table.replace_schema_metadata(meta))
         return self.trials_path
+
+    def set_aside(self, keys: Iterable[str], folder: Path) -> int:
+        """Move the results of `keys` (rows, parts, images) out of this ledger into `folder`, a new results
+        folder of their own (with a copy of spec.yaml); returns how many rows moved. The moved rows are
+        written there before anything leaves this folder, so nothing is lost if the move stops part-way
+        (running it again moves what is left)."""
+        table, newest = self._merged()
+        moving = pc.is_in(table.column("trial_key"), value_set=pa.array(sorted(set(keys)), type=pa.string()))
+        moved = table.filter(moving)
+        if moved.num_rows == 0:
+            return 0
+        aside = Ledger(folder, sweep=self.sweep)
+        aside.parts_dir.mkdir(parents=True, exist_ok=True)
+        if self.spec_path.is_file():
+            shutil.copy2(self.spec_path, aside.spec_path)
+        _atomic_write_table(aside.trials_path, moved)
+        for key in moved.column("trial_key").to_pylist():
+            for source, target in ((self.parts_dir / f"{key}.parquet", aside.parts_dir / f"{key}.parquet"),
+                                   (self.image_path(key), aside.image_path(key))):
+                if source.is_file():
+                    target.parent.mkdir(exist_ok=True)
+                    os.replace(source, target)
+        kept = table.filter(pc.invert(moving))
+        _atomic_write_table(self.trials_path, kept.replace_schema_metadata({_META_NEWEST_PART: str(newest).encode()}))
+        return moved.num_rows
 
     def load(self) -> pd.DataFrame:
         return to_pandas(self.table())

@@ -85,9 +85,17 @@ def pending_cells(cells: list[TrialSpec], statuses: dict[str, str], retry_failed
     return [c for c in cells if statuses.get(c.key()) not in skip]
 
 
-def grows(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec]) -> bool:
+def superseded_keys(ledger: Ledger, cells: list[TrialSpec]) -> set[str]:
+    """Keys in `ledger` that `cells` had under an earlier revision of their attack (a preset re-tuned since):
+    results of settings the cells no longer compute, run again under their new keys."""
+    earlier = {key for cell in cells for key in cell.earlier_keys()}
+    return earlier & set(ledger.statuses()) if earlier and ledger.exists() else set()
+
+
+def grows(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec], superseded: set[str]) -> bool:
     """Whether `spec` (a grid, expanded to `cells`) grows the sweep of `ledger`: the spec it recorded differs
-    from `spec` in the grid only, and every result in it is one of `cells` (axes gained values, none lost).
+    from `spec` in the grid only, and every result in it is one of `cells` or `superseded` by one (axes
+    gained values, none lost).
 
     Settings outside the grid (utility_round, scheduler, ...) shape rows without entering their keys, so a
     change there is not growth even when the keys still match."""
@@ -99,7 +107,7 @@ def grows(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec]) -> bool:
         return False
     if spec.model_copy(update={"grid": recorded.grid}).spec_hash() != ledger.spec_hash():
         return False
-    keys = {cell.key() for cell in cells}
+    keys = {cell.key() for cell in cells} | superseded
     return all(key in keys for key in ledger.statuses())
 
 
@@ -122,12 +130,18 @@ def describe_study(study: Study) -> str:
     return f"{study.id}  {study.num_samples} trial(s): {space}"
 
 
-def move_aside(folder: Path) -> Path:
-    target = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+def aside_path(folder: Path, tag: str) -> Path:
+    """A free sibling of `folder` named `<name>.<tag>-<time>` (or `...-<n>`), for results set aside."""
+    target = folder.with_name(f"{folder.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while target.exists():
         n += 1
-        target = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        target = folder.with_name(f"{folder.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    return target
+
+
+def move_aside(folder: Path) -> Path:
+    target = aside_path(folder, "old")
     folder.rename(target)
     return target
 
@@ -245,9 +259,11 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     trials = spec.trial_count()
     ledger = Ledger(results_root(args.results) / spec.name, sweep=spec.name)
     same_spec = ledger.spec_hash() in (None, spec.spec_hash())
+    # Searched trials' keys hold their sampled values, so only a grid's cells have earlier keys to look up.
+    superseded = superseded_keys(ledger, cells) if not searching and not args.fresh else set()
     # A grid spec that only adds cells (more seeds, batch sizes, defenses ...) continues its folder: every result
     # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml.
-    grown = not same_spec and not searching and not args.fresh and grows(ledger, spec, cells)
+    grown = not same_spec and not searching and not args.fresh and grows(ledger, spec, cells, superseded)
     continues = same_spec or grown  # the folder's results count for this spec
 
     if args.dry_run:
@@ -270,6 +286,9 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         if ledger.exists() and continues and not args.fresh:
             todo = pending_cells(cells, ledger.statuses(), args.retry_failed)
             print(f"{len(cells) - len(todo)} already have results in {ledger.folder}; {len(todo)} to run")
+            if superseded:
+                print(f"{len(superseded)} results there are of an earlier revision of their attack's settings; "
+                      f"a run moves them aside and runs their cells again")
         return None
 
     if args.compact:
@@ -308,6 +327,12 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         todo = pending_cells(cells, ledger.statuses() if ledger.exists() else {}, args.retry_failed)
         left = len(todo)
     check_folder(ledger.folder, left)
+    if superseded:
+        # Kept beside the folder, not deleted: they are real results, of settings the attack has since re-tuned.
+        target = aside_path(ledger.folder, "superseded")
+        count = ledger.set_aside(superseded, target)
+        print(f"{count} results of an earlier revision of their attack's settings (a re-tuned preset) moved to "
+              f"{target}; their cells run again")
     ledger.write_spec(spec.to_yaml(), spec.spec_hash())
 
     if not left:

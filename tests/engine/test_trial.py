@@ -69,6 +69,16 @@ def test_a_presets_revision_changes_the_keys_of_its_cells_and_no_others(monkeypa
     assert "attack_revision" not in TrialSpec(attack_params={"preset": ["prior"]}).canonical()  # validation's to refuse
 
 
+def test_a_cell_knows_the_keys_of_its_earlier_revisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    prior = TrialSpec(attack_params={"preset": "prior"})
+    keys = []
+    for revision in (0, 1, 2):
+        monkeypatch.setitem(grnn.PRESET_REVISIONS, "prior", revision)
+        keys.append(prior.key())
+    assert len(set(keys)) == 3 and prior.earlier_keys() == keys[:2]  # at revision 2: those of 0 and 1
+    assert TrialSpec(attack_params={"preset": "paper"}).earlier_keys() == []
+
+
 def test_fedsgd_update_is_the_batch_gradient() -> None:
     data = load_dataset("digits", image_size=32)
     images, labels, _ = select_batch(data, 3, 0)

@@ -133,6 +133,33 @@ def test_a_grown_grid_keeps_its_results_and_runs_only_its_new_cells(
     assert len(load(results / "grow")) == 2
 
 
+def test_results_of_a_re_tuned_preset_are_set_aside_and_their_cells_run_again(
+    tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str], make_spec: Any
+) -> None:
+    """The prior preset is at revision 1: a folder holding a result under a cell's revision-0 key (written
+    before the preset was re-tuned) keeps it, moved aside with its image, and the cell runs again."""
+    spec = make_spec(tmp_path / "prior.yaml", name="retuned", data={"dataset": "digits", "image_size": 16},
+                     grid={"attack": [{"name": "grnn", "params": {"preset": "prior", "iterations": 3}}],
+                           "seed": [0]})
+    [cell] = load_spec(spec).cells()
+    [old_key] = cell.earlier_keys()
+    folder = tmp_path / "results" / "retuned"
+    Ledger(folder).write_part({"trial_key": old_key, "status": "COMPLETE", "psnr": 99.0}, image_png=b"\x89PNG old")
+    Ledger(folder).compact()  # in trials.parquet as well as in its part
+
+    assert sweep.main([str(spec), "--results", str(folder.parent), "--dry-run"]) == 0
+    assert "1 results there are of an earlier revision" in capsys.readouterr().out
+    summary = sweep.run([str(spec), "--results", str(folder.parent)])
+    assert summary is not None and summary.ran == 1 and summary.complete == 1
+    assert "moved to" in capsys.readouterr().out
+    df = load(folder)
+    assert df["trial_key"].tolist() == [cell.key()] and df["psnr"].iloc[0] < 99
+    [aside] = folder.parent.glob("retuned.superseded-*")
+    assert load(aside)["trial_key"].tolist() == [old_key] and load(aside)["psnr"].tolist() == [99.0]
+    assert (aside / "images" / f"{old_key}.png").read_bytes() == b"\x89PNG old"
+    assert not (folder / "parts" / f"{old_key}.parquet").exists()
+
+
 def test_compact_only_rebuilds_the_table(mixed: dict) -> None:
     (mixed["folder"] / "trials.parquet").unlink()
     assert sweep.main([str(mixed["spec"]), "--results", str(mixed["results"]), "--compact"]) == 0
