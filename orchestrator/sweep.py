@@ -287,8 +287,8 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             todo = pending_cells(cells, ledger.statuses(), args.retry_failed)
             print(f"{len(cells) - len(todo)} already have results in {ledger.folder}; {len(todo)} to run")
             if superseded:
-                print(f"{len(superseded)} results there are of an earlier revision of their attack's settings; "
-                      f"a run moves them aside and runs their cells again")
+                print(f"superseded results there (an earlier revision of their attack's settings): "
+                      f"{len(superseded)}; a run moves them aside and runs their cells again")
         return None
 
     if args.compact:
@@ -331,8 +331,8 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         # Kept beside the folder, not deleted: they are real results, of settings the attack has since re-tuned.
         target = aside_path(ledger.folder, "superseded")
         count = ledger.set_aside(superseded, target)
-        print(f"{count} results of an earlier revision of their attack's settings (a re-tuned preset) moved to "
-              f"{target}; their cells run again")
+        print(f"moved {count} superseded results (an earlier revision of their attack's settings, a re-tuned "
+              f"preset) to {target}; their cells run again")
     ledger.write_spec(spec.to_yaml(), spec.spec_hash())
 
     if not left:

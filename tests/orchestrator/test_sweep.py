@@ -148,10 +148,10 @@ def test_results_of_a_re_tuned_preset_are_set_aside_and_their_cells_run_again(
     Ledger(folder).compact()  # in trials.parquet as well as in its part
 
     assert sweep.main([str(spec), "--results", str(folder.parent), "--dry-run"]) == 0
-    assert "1 results there are of an earlier revision" in capsys.readouterr().out
+    assert "superseded results there (an earlier revision of their attack's settings): 1;" in capsys.readouterr().out
     summary = sweep.run([str(spec), "--results", str(folder.parent)])
     assert summary is not None and summary.ran == 1 and summary.complete == 1
-    assert "moved to" in capsys.readouterr().out
+    assert "moved 1 superseded results" in capsys.readouterr().out
     df = load(folder)
     assert df["trial_key"].tolist() == [cell.key()] and df["psnr"].iloc[0] < 99
     [aside] = folder.parent.glob("retuned.superseded-*")
