@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the number of cells and the first few, then exit")
     p.add_argument("--fresh", action="store_true",
                    help="move an existing results folder of this name aside (to <name>.old-<time>) and start over")
+    p.add_argument("--prune", action="store_true",
+                   help="when the spec's grid dropped values: move the results of the cells it no longer has aside "
+                   "(to <name>.pruned-<time>) and keep the rest")
     p.add_argument("--retry-failed", action="store_true", help="run FAILED and TIMEOUT cells again")
     p.add_argument("--compact", action="store_true", help="only rewrite trials.parquet from the parts")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: embedded Ray")
@@ -92,23 +95,31 @@ def superseded_keys(ledger: Ledger, cells: list[TrialSpec]) -> set[str]:
     return earlier & set(ledger.statuses()) if earlier and ledger.exists() else set()
 
 
-def grows(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec], superseded: set[str]) -> bool:
-    """Whether `spec` (a grid, expanded to `cells`) grows the sweep of `ledger`: the spec it recorded differs
-    from `spec` in the grid only, and every result in it is one of `cells` or `superseded` by one (axes
-    gained values, none lost).
-
-    Settings outside the grid (utility_round, scheduler, ...) shape rows without entering their keys, so a
-    change there is not growth even when the keys still match."""
+def regridded(ledger: Ledger, spec: SweepSpec) -> bool:
+    """Whether the spec `ledger` recorded differs from `spec` in its grid only. Settings outside the grid
+    (utility_round, scheduler, ...) shape rows without entering their keys, so a folder run under other ones
+    never continues, even where the keys still match."""
     if not ledger.spec_path.is_file():
         return False
     try:
         recorded = load_spec(ledger.spec_path)
     except GrnnError:  # written by an older schema, or edited by hand: not a spec this one can extend
         return False
-    if spec.model_copy(update={"grid": recorded.grid}).spec_hash() != ledger.spec_hash():
-        return False
+    return spec.model_copy(update={"grid": recorded.grid}).spec_hash() == ledger.spec_hash()
+
+
+def dropped_keys(ledger: Ledger, cells: list[TrialSpec], superseded: set[str]) -> set[str]:
+    """Results in `ledger` that are neither one of `cells` nor superseded by one: cells a grid dropped."""
     keys = {cell.key() for cell in cells} | superseded
-    return all(key in keys for key in ledger.statuses())
+    return {key for key in ledger.statuses() if key not in keys}
+
+
+def set_aside(ledger: Ledger, keys: set[str], tag: str, why: str) -> None:
+    """Move the results of `keys` to `<folder>.<tag>-<time>/` and say so. They are kept, not deleted: real
+    results, of cells this spec no longer computes."""
+    if keys:
+        target = aside_path(ledger.folder, tag)
+        print(f"moved {ledger.set_aside(keys, target)} {why} to {target}")
 
 
 def search_pending(spec: SweepSpec, ledger: Ledger, retry_failed: bool) -> int:
@@ -262,9 +273,13 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     # Searched trials' keys hold their sampled values, so only a grid's cells have earlier keys to look up.
     superseded = superseded_keys(ledger, cells) if not searching and not args.fresh else set()
     # A grid spec that only adds cells (more seeds, batch sizes, defenses ...) continues its folder: every result
-    # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml.
-    grown = not same_spec and not searching and not args.fresh and grows(ledger, spec, cells, superseded)
-    continues = same_spec or grown  # the folder's results count for this spec
+    # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml. One that
+    # dropped cells continues only with --prune, which sets their results aside.
+    new_grid = not same_spec and not searching and not args.fresh and regridded(ledger, spec)
+    dropped = dropped_keys(ledger, cells, superseded) if new_grid else set()
+    grown = new_grid and not dropped
+    pruning = new_grid and bool(dropped) and args.prune
+    continues = same_spec or grown or pruning  # the folder's results count for this spec
 
     if args.dry_run:
         if searching:
@@ -289,6 +304,8 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             if superseded:
                 print(f"superseded results there (an earlier revision of their attack's settings): "
                       f"{len(superseded)}; a run moves them aside and runs their cells again")
+            if pruning:
+                print(f"results there of cells this grid dropped: {len(dropped)}; --prune moves them aside")
         return None
 
     if args.compact:
@@ -308,6 +325,12 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         submit(argv, spec, args.address, args.results)
         return None
 
+    if dropped and not continues and not args.fresh:
+        raise UsageError(
+            f"{ledger.folder} holds results of {len(dropped)} cells this spec's grid dropped (a grid may only gain "
+            f"values); pass --prune to move those results aside and keep the rest, --fresh to move all of them "
+            f"aside, or give the sweep a new name"
+        )
     if not continues and not args.fresh:
         raise UsageError(
             f"{ledger.spec_path} was written by a different spec (hash {ledger.spec_hash()}, this one "
@@ -327,12 +350,10 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         todo = pending_cells(cells, ledger.statuses() if ledger.exists() else {}, args.retry_failed)
         left = len(todo)
     check_folder(ledger.folder, left)
-    if superseded:
-        # Kept beside the folder, not deleted: they are real results, of settings the attack has since re-tuned.
-        target = aside_path(ledger.folder, "superseded")
-        count = ledger.set_aside(superseded, target)
-        print(f"moved {count} superseded results (an earlier revision of their attack's settings, a re-tuned "
-              f"preset) to {target}; their cells run again")
+    set_aside(ledger, superseded, "superseded",
+              "superseded results (an earlier revision of their attack's settings: a re-tuned preset; their cells "
+              "run again)")
+    set_aside(ledger, dropped if pruning else set(), "pruned", "results of cells this grid dropped (--prune)")
     ledger.write_spec(spec.to_yaml(), spec.spec_hash())
 
     if not left:

@@ -69,11 +69,11 @@ def test_outside_slurm_it_asks_for_sbatch(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_the_plan_and_the_cells(tmp_path: Path) -> None:
-    result = run(SPEC, f"--results={tmp_path}", "--max-concurrent", "2", "--retry-failed", "--dry-run")
+    result = run(SPEC, f"--results={tmp_path}", "--max-concurrent", "2", "--retry-failed", "--prune", "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     # the sweep command the job runs: absolute spec and results, the options passed on, Ray's address added
-    assert f"-m orchestrator.sweep {ROOT / SPEC} --results {tmp_path} --max-concurrent 2 --retry-failed" in out
+    assert f"-m orchestrator.sweep {ROOT / SPEC} --results {tmp_path} --max-concurrent 2 --retry-failed --prune" in out
     assert "--address <head>:<port>" in out
     assert "sweep 'quickstart': 24 cells" in out
     assert not (tmp_path / "quickstart").exists()

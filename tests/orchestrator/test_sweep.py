@@ -102,7 +102,7 @@ def test_changed_spec_is_refused(
     before = sorted(p.name for p in (mixed["folder"] / "parts").iterdir())
     assert sweep.main([str(changed), "--results", str(mixed["results"])]) == 2
     err = capsys.readouterr().err
-    assert "different spec" in err and "--fresh" in err and err.count("\n") == 1
+    assert "grid dropped" in err and "--prune" in err and "--fresh" in err and err.count("\n") == 1
     assert sorted(p.name for p in (mixed["folder"] / "parts").iterdir()) == before
 
 
@@ -127,10 +127,21 @@ def test_a_grown_grid_keeps_its_results_and_runs_only_its_new_cells(
     scheduled = make_spec(tmp_path / "asha.yaml", name="grow", grid={"seed": [0, 1, 2]}, scheduler="asha")
     assert sweep.main([str(scheduled), "--results", str(results)]) == 2
     assert "a grid may only gain values" in capsys.readouterr().err
-    # Nor is a grid that lost a value.
+    # Nor is a grid that lost a value, unless --prune sets the dropped cells' results aside.
     shrunk = make_spec(tmp_path / "shrunk.yaml", name="grow", grid={"seed": [1, 2]})
     assert sweep.main([str(shrunk), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "results of 1 cells this spec's grid dropped" in err and "--prune" in err and err.count("\n") == 1
     assert len(load(results / "grow")) == 2
+    assert sweep.main([str(shrunk), "--results", str(results), "--dry-run", "--prune"]) == 0
+    assert "cells this grid dropped: 1; --prune moves them aside" in capsys.readouterr().out
+    summary = sweep.run([str(shrunk), "--results", str(results), "--prune"])
+    assert summary is not None and summary.ran == 1  # seed 2 only; seed 1 keeps its result
+    assert sorted(load(results / "grow")["seed"]) == [1, 2]
+    assert Ledger(results / "grow").spec_hash() == load_spec(shrunk).spec_hash()
+    [pruned] = results.glob("grow.pruned-*")
+    assert load(pruned)["seed"].tolist() == [0]
+    assert "moved 1 results of cells this grid dropped" in capsys.readouterr().out
 
 
 def test_results_of_a_re_tuned_preset_are_set_aside_and_their_cells_run_again(
