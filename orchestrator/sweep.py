@@ -304,8 +304,9 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             if superseded:
                 print(f"superseded results there (an earlier revision of their attack's settings): "
                       f"{len(superseded)}; a run moves them aside and runs their cells again")
-            if pruning:
-                print(f"results there of cells this grid dropped: {len(dropped)}; --prune moves them aside")
+        if dropped:
+            print(f"results there of cells this grid dropped: {len(dropped)}; "
+                  + ("--prune moves them aside" if pruning else "a run refuses them without --prune"))
         return None
 
     if args.compact:

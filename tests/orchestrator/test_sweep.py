@@ -133,6 +133,8 @@ def test_a_grown_grid_keeps_its_results_and_runs_only_its_new_cells(
     err = capsys.readouterr().err
     assert "results of 1 cells this spec's grid dropped" in err and "--prune" in err and err.count("\n") == 1
     assert len(load(results / "grow")) == 2
+    assert sweep.main([str(shrunk), "--results", str(results), "--dry-run"]) == 0
+    assert "cells this grid dropped: 1; a run refuses them without --prune" in capsys.readouterr().out
     assert sweep.main([str(shrunk), "--results", str(results), "--dry-run", "--prune"]) == 0
     assert "cells this grid dropped: 1; --prune moves them aside" in capsys.readouterr().out
     summary = sweep.run([str(shrunk), "--results", str(results), "--prune"])
