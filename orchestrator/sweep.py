@@ -88,11 +88,22 @@ def pending_cells(cells: list[TrialSpec], statuses: dict[str, str], retry_failed
     return [c for c in cells if statuses.get(c.key()) not in skip]
 
 
-def superseded_keys(ledger: Ledger, cells: list[TrialSpec]) -> set[str]:
-    """Keys in `ledger` that `cells` had under an earlier revision of their attack (a preset re-tuned since):
-    results of settings the cells no longer compute, run again under their new keys."""
+def superseded_keys(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec]) -> set[str]:
+    """Keys in `ledger` of results under an earlier revision of their attack (a preset re-tuned since): a grid
+    cell's earlier keys, or in a search the trials of a study's earlier ids. Those cells (studies) run again
+    under their new keys (ids)."""
+    if not ledger.exists():
+        return set()
+    if isinstance(spec.search, OptunaSearch):
+        earlier = {old_id for study in spec.studies() for old_id in study.earlier_ids()}
+        table = ledger.table() if earlier else None
+        if table is None or "search_id" not in table.column_names:
+            return set()
+        return {key for key, search_id in zip(table.column("trial_key").to_pylist(),
+                                              table.column("search_id").to_pylist(), strict=True)
+                if search_id in earlier}
     earlier = {key for cell in cells for key in cell.earlier_keys()}
-    return earlier & set(ledger.statuses()) if earlier and ledger.exists() else set()
+    return earlier & set(ledger.statuses()) if earlier else set()
 
 
 def regridded(ledger: Ledger, spec: SweepSpec) -> bool:
@@ -106,6 +117,12 @@ def regridded(ledger: Ledger, spec: SweepSpec) -> bool:
     except GrnnError:  # written by an older schema, or edited by hand: not a spec this one can extend
         return False
     return spec.model_copy(update={"grid": recorded.grid}).spec_hash() == ledger.spec_hash()
+
+
+def superseded_line(superseded: set[str]) -> str:
+    """What --dry-run says of superseded results."""
+    return (f"superseded results there (an earlier revision of their attack's settings): {len(superseded)}; "
+            f"a run moves them aside and runs their cells again")
 
 
 def dropped_keys(ledger: Ledger, cells: list[TrialSpec], superseded: set[str]) -> set[str]:
@@ -270,8 +287,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     trials = spec.trial_count()
     ledger = Ledger(results_root(args.results) / spec.name, sweep=spec.name)
     same_spec = ledger.spec_hash() in (None, spec.spec_hash())
-    # Searched trials' keys hold their sampled values, so only a grid's cells have earlier keys to look up.
-    superseded = superseded_keys(ledger, cells) if not searching and not args.fresh else set()
+    superseded = superseded_keys(ledger, spec, cells) if not args.fresh else set()
     # A grid spec that only adds cells (more seeds, batch sizes, defenses ...) continues its folder: every result
     # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml. One that
     # dropped cells continues only with --prune, which sets their results aside.
@@ -292,6 +308,8 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             if ledger.exists() and continues and not args.fresh:
                 left = search_pending(spec, ledger, args.retry_failed)
                 print(f"{trials - left} already have results in {ledger.folder}; {left} to run")
+                if superseded:
+                    print(superseded_line(superseded))
             return None
         print(f"sweep '{spec.name}': {len(cells)} cells")
         for cell in cells[:5]:
@@ -302,8 +320,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
             todo = pending_cells(cells, ledger.statuses(), args.retry_failed)
             print(f"{len(cells) - len(todo)} already have results in {ledger.folder}; {len(todo)} to run")
             if superseded:
-                print(f"superseded results there (an earlier revision of their attack's settings): "
-                      f"{len(superseded)}; a run moves them aside and runs their cells again")
+                print(superseded_line(superseded))
         if dropped:
             print(f"results there of cells this grid dropped: {len(dropped)}; "
                   + ("--prune moves them aside" if pruning else "a run refuses them without --prune"))

@@ -153,6 +153,13 @@ class OptunaSearch(StrictModel):
 SearchSpec = Annotated[GridSearch | OptunaSearch, Field(discriminator="method")]
 
 
+def study_id(cell: TrialSpec, key: str) -> str:
+    """A study's id: its grid cell in words, then the first 8 hex digits of `key`, the cell's key (or its key under
+    an earlier revision of its attack, the id the study had then)."""
+    return (f"{cell.attack}-{cell.victim}-{cell.dataset}-b{cell.batch_size}-r{cell.fl_round}-{cell.defense}-"
+            f"s{cell.seed}-{key[:8]}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
     """One Optuna study of a search: the grid cell it starts from (searched parameters at their defaults) and
@@ -167,6 +174,10 @@ class Study:
     def trial(self, sampled: dict[str, Any]) -> TrialSpec:
         """The cell with the sampled values set."""
         return apply_sample(self.cell, sampled)
+
+    def earlier_ids(self) -> list[str]:
+        """The ids this study had under its attack's earlier revisions (`TrialSpec.earlier_keys`)."""
+        return [study_id(self.cell, key) for key in self.cell.earlier_keys()]
 
 
 def split_target(name: str) -> tuple[str, str]:

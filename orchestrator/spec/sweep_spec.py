@@ -31,7 +31,7 @@ from orchestrator.spec.models import (
     StrictModel,
     UpdateSpec,
 )
-from orchestrator.spec.search import GridSearch, OptunaSearch, SearchSpec, Study, search_applies
+from orchestrator.spec.search import GridSearch, OptunaSearch, SearchSpec, Study, search_applies, study_id
 
 __all__ = ["RESULTS_NAME", "SweepSpec"]
 
@@ -170,13 +170,9 @@ class SweepSpec(StrictModel):
         out = []
         for cell in self.cells():
             space = {n: p for n, p in self.search.params.items() if search_applies(n, cell)}
-            label = (
-                f"{cell.attack}-{cell.victim}-{cell.dataset}-b{cell.batch_size}-r{cell.fl_round}-"
-                f"{cell.defense}-s{cell.seed}"
-            )
             out.append(
                 Study(
-                    id=f"{label}-{cell.key()[:8]}", cell=cell, space=space,
+                    id=study_id(cell, cell.key()), cell=cell, space=space,
                     num_samples=self.search.num_samples if space else 1,
                 )  # fmt: skip
             )

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import sweep
-from orchestrator.results import load
+from orchestrator.results import Ledger, load
 from orchestrator.running.options import RunOptions
 from orchestrator.running.optuna_search import study_runs
 from orchestrator.running.scoring import Scoring
@@ -53,6 +53,29 @@ def test_search_writes_one_row_per_sampled_trial(searched: dict) -> None:
         sampled = json.loads(row["search_params"])["defense.params.sigma"]
         assert row["defense.sigma"] == sampled and 1e-4 <= sampled <= 1.0  # the sampled value is the row's setting
     assert noisy["defense.sigma"].nunique() == 3
+
+
+def test_a_study_of_a_re_tuned_preset_sets_its_earlier_trials_aside_and_runs_again(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str], make_spec: Any) -> None:
+    """The prior preset is at revision 1: trials of a study under its revision-0 id are moved aside, and the
+    study (under its new id) runs its samples."""
+    spec = make_spec(tmp_path / "s.yaml", name="retuned", data={"dataset": "digits", "image_size": 16},
+                     search={**SEARCH, "num_samples": 1},
+                     grid={"defense": ["gaussian"], "seed": [0],
+                           "attack": [{"name": "grnn", "params": {"preset": "prior", "iterations": 3}}]})
+    [study] = load_spec(spec).studies()
+    [old_id] = study.earlier_ids()
+    folder = tmp_path / "results" / "retuned"
+    Ledger(folder).write_part({"trial_key": "0123456789abcdef", "search_id": old_id, "status": "COMPLETE",
+                               "psnr": 99.0})
+    assert sweep.main([str(spec), "--results", str(folder.parent), "--dry-run"]) == 0
+    assert "superseded results there (an earlier revision of their attack's settings): 1;" in capsys.readouterr().out
+    summary = sweep.run([str(spec), "--results", str(folder.parent)])
+    assert summary is not None and summary.ran == 1
+    df = load(folder)
+    assert df["search_id"].tolist() == [study.id] and df["psnr"].iloc[0] < 99
+    [aside] = folder.parent.glob("retuned.superseded-*")
+    assert load(aside)["search_id"].tolist() == [old_id]
 
 
 def test_asha_rows_say_whether_and_where_a_trial_stopped(searched: dict) -> None:
