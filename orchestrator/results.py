@@ -287,11 +287,11 @@ class Ledger:
         if not is_plain_key(key):
             raise ValueError(f"a result row needs a plain trial_key, got {key!r}")
         if image_png is not None:
-            atomic_write_bytes(self.images_dir / f"{key}.png", image_png)
+            atomic_write_bytes(self.image_path(str(key)), image_png)
         full = {"schema_version": SCHEMA_VERSION, "sweep": self.sweep, **row}
         full["schema_version"] = SCHEMA_VERSION
         full.setdefault("finished_at", dt.datetime.now(dt.UTC))
-        path = self.parts_dir / f"{key}.parquet"
+        path = self.part_path(str(key))
         _atomic_write_table(path, row_to_table(full))
         return path
 
@@ -303,6 +303,9 @@ class Ledger:
             p for p in self.parts_dir.iterdir()
             if p.suffix == ".parquet" and not p.name.startswith(".") and p.is_file()
         )
+
+    def part_path(self, key: str) -> Path:
+        return self.parts_dir / f"{key}.parquet"
 
     def image_path(self, key: str) -> Path:
         return self.images_dir / f"{key}.png"
@@ -403,7 +406,7 @@ class Ledger:
             shutil.copy2(self.spec_path, aside.spec_path)
         _atomic_write_table(aside.trials_path, moved)
         for key in moved.column("trial_key").to_pylist():
-            for source, target in ((self.parts_dir / f"{key}.parquet", aside.parts_dir / f"{key}.parquet"),
+            for source, target in ((self.part_path(key), aside.part_path(key)),
                                    (self.image_path(key), aside.image_path(key))):
                 if source.is_file():
                     target.parent.mkdir(exist_ok=True)

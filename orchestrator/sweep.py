@@ -88,11 +88,11 @@ def pending_cells(cells: list[TrialSpec], statuses: dict[str, str], retry_failed
     return [c for c in cells if statuses.get(c.key()) not in skip]
 
 
-def superseded_keys(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec]) -> set[str]:
-    """Keys in `ledger` of results under an earlier revision of their attack (a preset re-tuned since): a grid
-    cell's earlier keys, or in a search the trials of a study's earlier ids. Those cells (studies) run again
-    under their new keys (ids)."""
-    if not ledger.exists():
+def superseded_keys(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec], statuses: dict[str, str]) -> set[str]:
+    """Keys in `ledger` (whose `statuses` these are) of results under an earlier revision of their attack (a
+    preset re-tuned since): a grid cell's earlier keys, or in a search the trials of a study's earlier ids.
+    Those cells (studies) run again under their new keys (ids)."""
+    if not statuses:
         return set()
     if isinstance(spec.search, OptunaSearch):
         earlier = {old_id for study in spec.studies() for old_id in study.earlier_ids()}
@@ -102,8 +102,7 @@ def superseded_keys(ledger: Ledger, spec: SweepSpec, cells: list[TrialSpec]) -> 
         return {key for key, search_id in zip(table.column("trial_key").to_pylist(),
                                               table.column("search_id").to_pylist(), strict=True)
                 if search_id in earlier}
-    earlier = {key for cell in cells for key in cell.earlier_keys()}
-    return earlier & set(ledger.statuses()) if earlier else set()
+    return {key for cell in cells for key in cell.earlier_keys() if key in statuses}
 
 
 def regridded(ledger: Ledger, spec: SweepSpec) -> bool:
@@ -125,10 +124,10 @@ def superseded_line(superseded: set[str]) -> str:
             f"a run moves them aside and runs their cells again")
 
 
-def dropped_keys(ledger: Ledger, cells: list[TrialSpec], superseded: set[str]) -> set[str]:
-    """Results in `ledger` that are neither one of `cells` nor superseded by one: cells a grid dropped."""
+def dropped_keys(statuses: dict[str, str], cells: list[TrialSpec], superseded: set[str]) -> set[str]:
+    """Results (keys of `statuses`) that are neither one of `cells` nor superseded by one: cells a grid dropped."""
     keys = {cell.key() for cell in cells} | superseded
-    return {key for key in ledger.statuses() if key not in keys}
+    return {key for key in statuses if key not in keys}
 
 
 def set_aside(ledger: Ledger, keys: set[str], tag: str, why: str) -> None:
@@ -287,12 +286,14 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
     trials = spec.trial_count()
     ledger = Ledger(results_root(args.results) / spec.name, sweep=spec.name)
     same_spec = ledger.spec_hash() in (None, spec.spec_hash())
-    superseded = superseded_keys(ledger, spec, cells) if not args.fresh else set()
+    # What the folder holds, read once (with --fresh none of it counts): every decision below is about it.
+    statuses = ledger.statuses() if ledger.exists() and not args.fresh else {}
+    superseded = superseded_keys(ledger, spec, cells, statuses)
     # A grid spec that only adds cells (more seeds, batch sizes, defenses ...) continues its folder: every result
     # there is a cell of the new spec, so the folder stays one sweep, recorded by the new spec.yaml. One that
     # dropped cells continues only with --prune, which sets their results aside.
     new_grid = not same_spec and not searching and not args.fresh and regridded(ledger, spec)
-    dropped = dropped_keys(ledger, cells, superseded) if new_grid else set()
+    dropped = dropped_keys(statuses, cells, superseded) if new_grid else set()
     grown = new_grid and not dropped
     pruning = new_grid and bool(dropped) and args.prune
     continues = same_spec or grown or pruning  # the folder's results count for this spec
@@ -317,7 +318,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         if len(cells) > 5:
             print(f"  ... and {len(cells) - 5} more")
         if ledger.exists() and continues and not args.fresh:
-            todo = pending_cells(cells, ledger.statuses(), args.retry_failed)
+            todo = pending_cells(cells, statuses, args.retry_failed)
             print(f"{len(cells) - len(todo)} already have results in {ledger.folder}; {len(todo)} to run")
             if superseded:
                 print(superseded_line(superseded))
@@ -365,7 +366,7 @@ def run(argv: Sequence[str] | None = None) -> SweepSummary | None:
         todo = []
         left = search_pending(spec, ledger, args.retry_failed)
     else:
-        todo = pending_cells(cells, ledger.statuses() if ledger.exists() else {}, args.retry_failed)
+        todo = pending_cells(cells, statuses, args.retry_failed)
         left = len(todo)
     check_folder(ledger.folder, left)
     set_aside(ledger, superseded, "superseded",
