@@ -144,6 +144,8 @@ PRESETS["prior"] = {
     "soft_pool_fraction": 0.95,
 }
 
+DEFAULT_PRESET = "paper"  # the preset of a GRNN given none, in its constructor and in its trial keys' revision
+
 # Each preset's revision (Attack.revision): raised by one whenever a preset's knob values change, so that the
 # trial keys of its cells change with them and a resumed sweep recomputes them.
 PRESET_REVISIONS = {"paper": 0, "strong": 0, "prior": 1}
@@ -283,7 +285,7 @@ class GRNN(Attack):
     def __init__(
         self,
         *,
-        preset: str = "paper",
+        preset: str = DEFAULT_PRESET,
         iterations: int | None = None,
         restarts: int | None = None,
         optimizer: str | None = None,
@@ -397,7 +399,7 @@ class GRNN(Attack):
 
     @classmethod
     def revision(cls, params: Mapping[str, Any]) -> int:
-        preset = params.get("preset", "paper")
+        preset = params.get("preset", DEFAULT_PRESET)
         return PRESET_REVISIONS.get(preset, 0) if isinstance(preset, str) else 0
 
     def _tv_weight(self, params: Sequence[Tensor]) -> float:
