@@ -109,13 +109,16 @@ def _layer_gradients(layer: nn.Conv2d | nn.Linear, inputs: AttackInputs) -> tupl
     return shared[0].double(), shared[1].double()
 
 
-class _LayerEquations:
+class LayerEquations:
     """The two linear maps of a weight layer's input x, given dL/dz `dz` (the output's shape, no batch
     dimension), and their adjoints, all batched over x: the forward pass x -> W x (no bias), and the weight
-    gradient x -> dW. Built from convolution primitives, never as matrices."""
+    gradient x -> dW. Built from convolution primitives, never as matrices. `rows` (0/1, the output's shape)
+    keeps only the forward equations of the outputs it marks: behind a max-pool only each window's winner is
+    known (attacks/layer_refine.py)."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, in_shape: tuple[int, ...], dz: Tensor) -> None:
-        self.in_shape, self.dz = in_shape, dz
+    def __init__(self, layer: nn.Conv2d | nn.Linear, in_shape: tuple[int, ...], dz: Tensor,
+                 rows: Tensor | None = None) -> None:
+        self.in_shape, self.dz, self.rows = in_shape, dz, rows
         self.weight = layer.weight.detach().double()
         self.bias = cast(Tensor, layer.bias).detach().double()  # `_layers` refuses a layer without one
         self.linear = isinstance(layer, nn.Linear)
@@ -124,11 +127,12 @@ class _LayerEquations:
             self.padding = cast(tuple[int, ...], layer.padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.linear:
-            return x @ self.weight.T
-        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+        y = x @ self.weight.T if self.linear else F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+        return y if self.rows is None else y * self.rows
 
     def forward_adjoint(self, y: Tensor) -> Tensor:
+        if self.rows is not None:
+            y = y * self.rows
         if self.linear:
             return y @ self.weight
         return conv2d_input((y.shape[0], *self.in_shape), self.weight, y, stride=self.stride, padding=self.padding)
@@ -146,7 +150,7 @@ class _LayerEquations:
         return F.fold(patches, self.in_shape[1:], self.kernel, padding=self.padding, stride=self.stride)
 
 
-def _solve_input(maps: _LayerEquations, z: Tensor, weight_grad: Tensor) -> Tensor:
+def solve_layer_input(maps: LayerEquations, z: Tensor, weight_grad: Tensor) -> Tensor:
     """The layer's input from its pre-activation z and its weight gradient (dL/dz is in `maps`): the least
     squares of both sets of equations, each scaled to unit Frobenius norm, through its normal equations."""
     in_shape, dz = maps.in_shape, maps.dz
@@ -214,8 +218,8 @@ class RGap(Attack):
             z = torch.logit(a)
             dz = dx.reshape(out_shape) * a * (1 - a)
             weight_grad, _ = _layer_gradients(layer, inputs)
-            maps = _LayerEquations(layer, in_shape, dz)
-            x = _solve_input(maps, z, weight_grad)
+            maps = LayerEquations(layer, in_shape, dz)
+            x = solve_layer_input(maps, z, weight_grad)
             dx = maps.forward_adjoint(dz.unsqueeze(0))[0]  # W^T dL/dz
         param = inputs.params[0]
         # A batch's gradient is read as one image's: the one estimate fills every slot (see the module's note).

@@ -28,7 +28,7 @@ KNOBS = {  # preset key -> attribute of the attack that holds it
     "refine_tv_weight": "refine_tv_weight", "soft_pool": "soft_pool", "soft_pool_end": "soft_pool_end",
     "soft_pool_fraction": "soft_pool_fraction", "prior": "prior", "prior_weight": "prior_weight",
     "refine_prior_weight": "refine_prior_weight", "prior_floor": "prior_floor", "prior_images": "prior_images",
-    "prior_seed": "prior_seed",
+    "prior_seed": "prior_seed", "layer_refine": "layer_refine", "layer_refine_lr": "layer_refine_lr",
 }
 
 
