@@ -57,14 +57,14 @@ def test_search_writes_one_row_per_sampled_trial(searched: dict) -> None:
 
 def test_a_study_of_a_re_tuned_preset_sets_its_earlier_trials_aside_and_runs_again(
         tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str], make_spec: Any) -> None:
-    """The prior preset is at revision 1: trials of a study under its revision-0 id are moved aside, and the
-    study (under its new id) runs its samples."""
+    """The prior preset has been re-tuned (revision >= 1): trials of a study under its id of the previous
+    revision are moved aside, and the study (under its new id) runs its samples."""
     spec = make_spec(tmp_path / "s.yaml", name="retuned", data={"dataset": "digits", "image_size": 16},
                      search={**SEARCH, "num_samples": 1},
                      grid={"defense": ["gaussian"], "seed": [0],
                            "attack": [{"name": "grnn", "params": {"preset": "prior", "iterations": 3}}]})
     [study] = load_spec(spec).studies()
-    [old_id] = study.earlier_ids()
+    old_id = study.earlier_ids()[-1]
     folder = tmp_path / "results" / "retuned"
     Ledger(folder).write_part({"trial_key": "0123456789abcdef", "search_id": old_id, "status": "COMPLETE",
                                "psnr": 99.0})

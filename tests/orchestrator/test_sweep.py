@@ -149,13 +149,14 @@ def test_a_grown_grid_keeps_its_results_and_runs_only_its_new_cells(
 def test_results_of_a_re_tuned_preset_are_set_aside_and_their_cells_run_again(
     tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str], make_spec: Any
 ) -> None:
-    """The prior preset is at revision 1: a folder holding a result under a cell's revision-0 key (written
-    before the preset was re-tuned) keeps it, moved aside with its image, and the cell runs again."""
+    """The prior preset has been re-tuned (revision >= 1): a folder holding a result under a cell's key of the
+    previous revision (written before the re-tuning) keeps it, moved aside with its image, and the cell runs
+    again."""
     spec = make_spec(tmp_path / "prior.yaml", name="retuned", data={"dataset": "digits", "image_size": 16},
                      grid={"attack": [{"name": "grnn", "params": {"preset": "prior", "iterations": 3}}],
                            "seed": [0]})
     [cell] = load_spec(spec).cells()
-    [old_key] = cell.earlier_keys()
+    old_key = cell.earlier_keys()[-1]
     folder = tmp_path / "results" / "retuned"
     Ledger(folder).write_part({"trial_key": old_key, "status": "COMPLETE", "psnr": 99.0}, image_png=b"\x89PNG old")
     Ledger(folder).compact()  # in trials.parquet as well as in its part
