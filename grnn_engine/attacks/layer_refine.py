@@ -60,9 +60,9 @@ PRIOR_WEIGHT = 1e-3
 # The refinement trusts the shared gradient's algebra: it is skipped when the first Linear layer's weight gradient
 # departs from one outer product (bias gradient x input) by more than this (relative Frobenius norm), as a
 # defense's noise, pruning or quantisation makes it. Measured on CIFAR-10 LeNet at B=1, batches 0-1 (README): it
-# gained under pruning 10% (departure 6.3e-4 and 6.6e-4: +1.4 and +6.4 dB) and gradient clipping (none), but lost
-# up to 14 dB from a departure of 0.012 on (Gaussian noise 1e-4 and 1e-3, 8-bit quantisation, pruning 50%); an
-# undefended gradient departs by 1e-8.
+# gained on both under pruning 10% (departures 6.3e-4 and 6.6e-4: +1.4 and +6.4 dB) and clipping (which scales
+# the gradient, no departure: +3.6 dB), and lost from a departure of 0.012 on (batch 1; both from 0.05), up to
+# 14 dB (Gaussian noise 1e-4 and 1e-3, 8-bit quantisation, pruning 50%); undefended, it departs by about 2.5e-8.
 RANK_ONE_TOLERANCE = 1e-3
 # Estimated activations are clamped into (_EDGE, 1 - _EDGE) before a logit or a sigmoid derivative.
 _EDGE = 1e-6
@@ -122,7 +122,8 @@ def chain_of(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[list[
         x = x.flatten(1)
         for layer in rest:
             x = layer(x)
-        if x.shape != model(probe).shape or not torch.allclose(x, model(probe), rtol=1e-4, atol=1e-5):
+        expected = model(probe)
+        if x.shape != expected.shape or not torch.allclose(x, expected, rtol=1e-4, atol=1e-5):
             return None
     return stages, first
 
