@@ -474,7 +474,7 @@ def test_full_disk_is_refused_before_ray_starts(
 
 @pytest.mark.faults
 def test_repeated_driver_kills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
-    kills_wanted, cells = 5, 16
+    kills_wanted, cells = 5, 24  # enough cells that 3 or more kills land before the sweep ends, under load too
     env = fault_env(tmp_path)
     spec = write_spec(tmp_path / "kills.yaml", "kills",
                       [{"name": "grnn", "params": {"iterations": 30}, "eval_every": 10}], seeds=cells)
@@ -496,7 +496,7 @@ def test_repeated_driver_kills_lose_and_duplicate_nothing(tmp_path: Path) -> Non
         driver = start_sweep(cmd, env, out)
         try:
             wait_for_parts(driver, folder, have + 1, out)  # some trials of this run finished
-            time.sleep(rng.uniform(0.0, 2.0))
+            time.sleep(rng.uniform(0.0, 1.0))
         finally:
             finished = driver.poll() is not None
             kill_sweep(driver)
