@@ -47,7 +47,14 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
 from grnn_engine.attacks.base import shared_layer_gradient
-from grnn_engine.attacks.rgap import MAX_LAYER_INPUT, LayerEquations, solve_layer_input
+from grnn_engine.attacks.rgap import (
+    MAX_LAYER_INPUT,
+    LayerEquations,
+    applies_in_order,
+    leaf_layers,
+    plain_convolution,
+    solve_layer_input,
+)
 
 # The softened max-pool's temperature (on conv pre-activations), annealed geometrically over the steps;
 # measured on CIFAR-10 LeNet at B=1 (0.03 / 0.1 / 0.3 within 0.2 dB of each other).
@@ -88,14 +95,13 @@ def _pool_size(layer: nn.MaxPool2d) -> int | None:
 def chain_of(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[list[Stage], nn.Linear] | None:
     """The model's convolution stages and its first Linear layer when the model is such a chain (applied in
     the order its layers are defined: checked on an image), else None."""
-    leaves = [m for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Flatten)]
+    leaves = leaf_layers(model)
     stages: list[Stage] = []
     i = 0
     while i + 1 < len(leaves) and isinstance(leaves[i], nn.Conv2d) and isinstance(leaves[i + 1], nn.Sigmoid):
         conv = leaves[i]
         assert isinstance(conv, nn.Conv2d)
-        if conv.bias is None or conv.groups != 1 or conv.dilation != (1, 1) or isinstance(conv.padding, str) \
-                or conv.padding_mode != "zeros":
+        if conv.bias is None or not plain_convolution(conv):
             return None
         pool = 1
         i += 2
@@ -113,19 +119,16 @@ def chain_of(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[list[
     assert isinstance(first, nn.Linear)
     if first.bias is None:
         return None
-    param = next(model.parameters())
-    probe = torch.rand((1, *image_shape), generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    with torch.no_grad():
-        x = probe
+
+    def forward(x: Tensor) -> Tensor:
         for stage in stages:
             x = _pooled(torch.sigmoid(stage.conv(x)), stage.pool)
         x = x.flatten(1)
         for layer in rest:
             x = layer(x)
-        expected = model(probe)
-        if x.shape != expected.shape or not torch.allclose(x, expected, rtol=1e-4, atol=1e-5):
-            return None
-    return stages, first
+        return x
+
+    return (stages, first) if applies_in_order(model, image_shape, forward) else None
 
 
 def _windows(a: Tensor, pool: int) -> Tensor:
@@ -197,12 +200,13 @@ def refine_image(
         return None
     d_out = first_linear.weight.detach().double().T @ bias_grad
     x0 = start.detach().double()
-    stage_inputs = _stage_inputs([Stage(_double(s.conv), s.pool) for s in stages], x0)
+    doubled = [Stage(_double(s.conv), s.pool) for s in stages]
+    stage_inputs = _stage_inputs(doubled, x0)
     if any(x[0].numel() > MAX_LAYER_INPUT for x in stage_inputs[1:]):
         return None
     # 2. Each stage above the first: its input from its output (the next stage's input) and its gradient.
     for index in range(len(stages) - 1, 0, -1):
-        conv, pool = _double(stages[index].conv), stages[index].pool
+        conv, pool = doubled[index].conv, doubled[index].pool
         pre = conv(stage_inputs[index])
         winners = _unwindows(_winners(pre, pool), pool, pre.shape)[0]
         a = out.reshape(_pooled(pre, pool).shape[1:]).clamp(_EDGE, 1 - _EDGE)
@@ -214,7 +218,7 @@ def refine_image(
         out = solve_layer_input(maps, z, grad[0].detach().double())
         d_out = maps.forward_adjoint(d_pre.unsqueeze(0))[0]
     # 3. The image from the first stage.
-    conv, pool = _double(stages[0].conv), stages[0].pool
+    conv, pool = doubled[0].conv, doubled[0].pool
     grad = conv_grads[0]
     assert grad is not None
     return _fit_first_stage(conv, pool, out, d_out, grad[0].detach().double(), x0, steps=steps, lr=lr,
@@ -256,8 +260,8 @@ def _fit_first_stage(conv: nn.Conv2d, pool: int, out: Tensor, d_out: Tensor, wei
         d_pre = _unwindows(weights * d_win, pool, pre.shape)
         own = conv2d_weight(x, conv.weight.shape, d_pre, stride=conv.stride, padding=conv.padding)
         data = pool_term + (own - weight_grad).pow(2).sum() / weight_norm
-        if step >= steps // 2 and float(data.detach()) < best_loss:
-            best, best_loss = x.detach().clone(), float(data.detach())
+        if step >= steps // 2 and (value := float(data.detach())) < best_loss:
+            best, best_loss = x.detach().clone(), value
         loss = data + (PRIOR_WEIGHT * prior_penalty(x) if prior_penalty is not None else 0.0)
         (x.grad,) = torch.autograd.grad(loss, [x])
         optimizer.step()

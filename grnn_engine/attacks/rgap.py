@@ -30,6 +30,7 @@ batch sizes shows what R-GAP recovers there (scored like any attack: a blend, fa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -58,9 +59,30 @@ _RIDGE = 1e-12
 MAX_LAYER_INPUT = 12288
 
 
+def leaf_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers (modules without children) in definition order, Flatten dropped."""
+    return [m for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Flatten)]
+
+
+def plain_convolution(conv: nn.Conv2d) -> bool:
+    """Groups 1, no dilation, zero padding given in pixels: a convolution whose equations LayerEquations builds."""
+    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def applies_in_order(model: nn.Module, image_shape: tuple[int, int, int], forward: Callable[[Tensor], Tensor]) -> bool:
+    """Whether `forward` (the model's layers applied one after another) computes what the model computes, on one
+    random probe image: layers defined in one order can be applied in another, or beside other operations."""
+    param = next(model.parameters())
+    probe = torch.rand((1, *image_shape), generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    with torch.no_grad():
+        got, expected = forward(probe), model(probe)
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def _layers(model: nn.Module) -> list[nn.Module]:
     """The model's layers in definition order (Flatten dropped); ConfigError when R-GAP cannot invert them."""
-    leaves = [m for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Flatten)]
+    leaves = leaf_layers(model)
     for m in leaves:
         if not isinstance(m, nn.Conv2d | nn.Linear | nn.Sigmoid):
             raise ConfigError(f"attack 'rgap' inverts Conv2d, Linear and Sigmoid layers only; "
@@ -68,8 +90,7 @@ def _layers(model: nn.Module) -> list[nn.Module]:
         if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is None:
             raise ConfigError(f"attack 'rgap' needs every Conv2d and Linear layer to have a bias; "
                               f"{type(model).__name__} has one without")
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"
-                                         or isinstance(m.padding, str)):
+        if isinstance(m, nn.Conv2d) and not plain_convolution(m):
             raise ConfigError("attack 'rgap' needs plain convolutions (groups 1, no dilation, zero padding given in "
                               "pixels)")
     kinds = ["weight" if isinstance(m, nn.Conv2d | nn.Linear) else "sigmoid" for m in leaves]
@@ -84,10 +105,9 @@ def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[i
                  ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The layers, applied in definition order, must be the model: R-GAP inverts that chain. Returns the
     (input shape, output shape), without the batch dimension, of every Conv2d/Linear layer of it."""
-    param = next(model.parameters())
-    probe = torch.rand((1, *image_shape), generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    shapes, x = [], probe
-    with torch.no_grad():
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def forward(x: Tensor) -> Tensor:
         for layer in layers:
             if isinstance(layer, nn.Linear):
                 x = x.flatten(1)
@@ -95,8 +115,9 @@ def _check_chain(model: nn.Module, layers: list[nn.Module], image_shape: tuple[i
             if not isinstance(layer, nn.Sigmoid):
                 shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
             x = y
-        same = torch.allclose(x, model(probe), rtol=1e-4, atol=1e-5)
-    if not same:
+        return x
+
+    if not applies_in_order(model, image_shape, forward):
         raise ConfigError(f"attack 'rgap' needs a model that applies its layers in the order it defines them; "
                           f"{type(model).__name__} does not")
     return shapes
