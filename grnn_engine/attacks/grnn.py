@@ -67,7 +67,7 @@ from grnn_engine.attacks.grnn_presets import (
 )
 from grnn_engine.attacks.ig import CosineDistance
 from grnn_engine.attacks.image_prior import PriorSettings, PublicData, load_or_fit_prior
-from grnn_engine.attacks.layer_refine import chain_of, refine_image
+from grnn_engine.attacks.layer_refine import MAX_LOSS_INCREASE, chain_of, refine_image
 from grnn_engine.attacks.patch_prior import load_or_fit_patch_prior
 from grnn_engine.attacks.soft_pool import SoftenedVictim
 from grnn_engine.errors import ConfigError
@@ -413,11 +413,14 @@ class GRNN(Attack):
         if self.refine_iterations:
             images = self._refine(fit, images, labels)
         if self.layer_refine and inputs.batch_size == 1:
-            images = self._layer_refine(model, fit, images)
+            images = self._layer_refine(model, fit, images, labels)
         return Reconstruction(images=images.clamp(0, 1), labels=labels, history=fit.history)
 
-    def _layer_refine(self, model: nn.Module, fit: _Fit, images: Tensor) -> Tensor:
-        """`refine_image` of attacks/layer_refine.py on a model it applies to; the images unchanged otherwise."""
+    def _layer_refine(self, model: nn.Module, fit: _Fit, images: Tensor, labels: Tensor) -> Tensor:
+        """`refine_image` of attacks/layer_refine.py on a model it applies to, kept unless its gradient fits more
+        than MAX_LOSS_INCREASE times worse than the answer's; the images unchanged otherwise. A refined image ends
+        the history, at the last iteration with `layer_refine` 1, so that a trial's convergence curve ends where its
+        score does (the check costs two victim gradients)."""
         chain = chain_of(model, fit.inputs.image_shape)
         if chain is None:
             return images
@@ -426,7 +429,18 @@ class GRNN(Attack):
         prior = None if penalty is None else (lambda im: penalty(im.to(images.dtype)))
         refined = refine_image(*chain, fit.inputs.params, fit.inputs.target, images, steps=self.layer_refine,
                                lr=self.layer_refine_lr, prior_penalty=prior)
-        return images if refined is None else refined
+        if refined is None:
+            return images
+
+        def grad_loss(candidate: Tensor) -> Tensor:
+            fake = torch.autograd.grad(soft_cross_entropy(model(candidate), labels), fit.inputs.params)
+            return fit.objective(fake)[1]
+
+        refined_loss = grad_loss(refined.to(images.dtype))
+        if not float(refined_loss) <= MAX_LOSS_INCREASE * float(grad_loss(images)):
+            return images
+        self._log(fit, self.iterations, refined_loss, refined, None, {"layer_refine": 1.0})
+        return refined
 
     def _log(self, fit: _Fit, iteration: int, squared: Tensor, images: Tensor, temperature: float | None,
              extra: dict[str, float]) -> bool:

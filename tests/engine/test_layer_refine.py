@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from grnn_engine import ATTACKS, TrialSpec, run_trial
+import grnn_engine.attacks.grnn as grnn_module
+from grnn_engine import ATTACKS, TrialResult, TrialSpec, run_trial
 from grnn_engine.attacks.base import trainable_parameters, victim_gradient
 from grnn_engine.attacks.image_prior import PriorSettings, PublicData, load_or_fit_prior
 from grnn_engine.attacks.layer_refine import chain_of, refine_image
@@ -85,19 +86,53 @@ def test_the_prior_preset_refines_one_image_and_leaves_a_batch_as_it_was(
 ) -> None:
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
 
-    def psnr(batch_size: int, layer_refine: int) -> float:
+    def trial(batch_size: int, layer_refine: int) -> TrialResult:
         spec = TrialSpec(attack="grnn", attack_params={"preset": "prior", "iterations": 300, "layer_refine": layer_refine},
                          dataset="digits", image_size=16, victim="lenet", batch_size=batch_size, seed=1,
                          eval_every=10**6, device="cpu")
         result = run_trial(spec)
         assert result.status == "COMPLETE", result.error
-        assert result.iterations == 300  # the refinement evaluates no victim gradient
-        return result.metrics["psnr"]
+        assert result.iterations == 300  # the refinement's steps are no attack iterations
+        return result
 
     assert ATTACKS.create("grnn", preset="prior").layer_refine == 1500
     assert ATTACKS.create("grnn", preset="strong").layer_refine == 0
-    assert psnr(1, 1500) > psnr(1, 0) + 5
-    assert psnr(2, 1500) == psnr(2, 0)
+    refined, kept = trial(1, 1500), trial(1, 0)
+    assert refined.metrics["psnr"] > kept.metrics["psnr"] + 5
+    # The history ends with the refined image, so that the convergence curve ends at the trial's score.
+    last = refined.history[-1]
+    assert last["layer_refine"] == 1 and last["iteration"] == 300
+    assert last["psnr"] == pytest.approx(refined.metrics["psnr"], abs=1e-3)
+    assert 0 < last["grad_loss"] < float("inf")
+    assert refined.history[:-1] == kept.history and all("layer_refine" not in e for e in kept.history)
+    assert trial(2, 1500).metrics["psnr"] == trial(2, 0).metrics["psnr"]
+
+
+def test_a_refined_image_that_fits_the_gradient_far_worse_is_dropped(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the refinement goes astray (under a little noise it can end 10-18 dB below its start), its image fits
+    the shared gradient tens of times worse than the answer: GRNN then keeps the answer (MAX_LOSS_INCREASE)."""
+    monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
+
+    def trial(layer_refine: int) -> TrialResult:
+        spec = TrialSpec(attack="grnn", attack_params={"preset": "prior", "iterations": 300, "layer_refine": layer_refine},
+                         dataset="digits", image_size=16, victim="lenet", batch_size=1, seed=1, eval_every=10**6,
+                         device="cpu")
+        result = run_trial(spec)
+        assert result.status == "COMPLETE", result.error
+        return result
+
+    def astray(*args: object, **kwargs: object) -> torch.Tensor:
+        start = args[4]
+        assert isinstance(start, torch.Tensor)
+        return 1 - start.double()  # the answer's negative: far from every equation the gradient gives
+
+    kept = trial(0)
+    monkeypatch.setattr(grnn_module, "refine_image", astray)
+    dropped = trial(1500)
+    assert dropped.metrics["psnr"] == kept.metrics["psnr"]
+    assert dropped.history == kept.history
 
 
 @pytest.mark.parametrize(("defense", "params"), [("gaussian", {"sigma": 1e-3}), ("prune", {"ratio": 0.5}), ("sign", {})])
