@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -81,23 +83,25 @@ def test_a_start_with_the_right_deeper_positions_comes_back_to_the_private_image
     assert after >= 50 > before + 15, (before, after)
 
 
+def _prior_trial(layer_refine: int, *, iterations: int = 300, batch_size: int = 1, **fields: Any) -> TrialResult:
+    """GRNN's prior preset with `layer_refine` steps on digits at 16x16 (lenet, seed 1)."""
+    params = {"preset": "prior", "iterations": iterations, "layer_refine": layer_refine}
+    spec = TrialSpec(attack="grnn", attack_params=params, dataset="digits", image_size=16, victim="lenet",
+                     batch_size=batch_size, seed=1, eval_every=10**6, device="cpu", **fields)
+    result = run_trial(spec)
+    assert result.status == "COMPLETE", result.error
+    return result
+
+
 def test_the_prior_preset_refines_one_image_and_leaves_a_batch_as_it_was(
     tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
 
-    def trial(batch_size: int, layer_refine: int) -> TrialResult:
-        spec = TrialSpec(attack="grnn", attack_params={"preset": "prior", "iterations": 300, "layer_refine": layer_refine},
-                         dataset="digits", image_size=16, victim="lenet", batch_size=batch_size, seed=1,
-                         eval_every=10**6, device="cpu")
-        result = run_trial(spec)
-        assert result.status == "COMPLETE", result.error
-        assert result.iterations == 300  # the refinement's steps are no attack iterations
-        return result
-
     assert ATTACKS.create("grnn", preset="prior").layer_refine == 1500
     assert ATTACKS.create("grnn", preset="strong").layer_refine == 0
-    refined, kept = trial(1, 1500), trial(1, 0)
+    refined, kept = _prior_trial(1500), _prior_trial(0)
+    assert refined.iterations == 300  # the refinement's steps are no attack iterations
     assert refined.metrics["psnr"] > kept.metrics["psnr"] + 5
     # The history ends with the refined image, so that the convergence curve ends at the trial's score.
     last = refined.history[-1]
@@ -105,7 +109,7 @@ def test_the_prior_preset_refines_one_image_and_leaves_a_batch_as_it_was(
     assert last["psnr"] == pytest.approx(refined.metrics["psnr"], abs=1e-3)
     assert 0 < last["grad_loss"] < float("inf")
     assert refined.history[:-1] == kept.history and all("layer_refine" not in e for e in kept.history)
-    assert trial(2, 1500).metrics["psnr"] == trial(2, 0).metrics["psnr"]
+    assert _prior_trial(1500, batch_size=2).metrics["psnr"] == _prior_trial(0, batch_size=2).metrics["psnr"]
 
 
 def test_a_refined_image_that_fits_the_gradient_far_worse_is_dropped(
@@ -115,22 +119,14 @@ def test_a_refined_image_that_fits_the_gradient_far_worse_is_dropped(
     the shared gradient tens of times worse than the answer: GRNN then keeps the answer (MAX_LOSS_INCREASE)."""
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
 
-    def trial(layer_refine: int) -> TrialResult:
-        spec = TrialSpec(attack="grnn", attack_params={"preset": "prior", "iterations": 300, "layer_refine": layer_refine},
-                         dataset="digits", image_size=16, victim="lenet", batch_size=1, seed=1, eval_every=10**6,
-                         device="cpu")
-        result = run_trial(spec)
-        assert result.status == "COMPLETE", result.error
-        return result
-
     def astray(*args: object, **kwargs: object) -> torch.Tensor:
         start = args[4]
         assert isinstance(start, torch.Tensor)
         return 1 - start.double()  # the answer's negative: far from every equation the gradient gives
 
-    kept = trial(0)
+    kept = _prior_trial(0)
     monkeypatch.setattr(grnn_module, "refine_image", astray)
-    dropped = trial(1500)
+    dropped = _prior_trial(1500)
     assert dropped.metrics["psnr"] == kept.metrics["psnr"]
     assert dropped.history == kept.history
 
@@ -144,12 +140,7 @@ def test_a_gradient_a_defense_altered_is_not_refined(
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
 
     def psnr(layer_refine: int) -> float:
-        spec = TrialSpec(attack="grnn", attack_params={"preset": "prior", "iterations": 30, "layer_refine": layer_refine},
-                         dataset="digits", image_size=16, victim="lenet", batch_size=1, seed=1, eval_every=10**6,
-                         device="cpu", defense=defense, defense_params=params)
-        result = run_trial(spec)
-        assert result.status == "COMPLETE", result.error
-        return result.metrics["psnr"]
+        return _prior_trial(layer_refine, iterations=30, defense=defense, defense_params=params).metrics["psnr"]
 
     assert psnr(1500) == psnr(0)
 
