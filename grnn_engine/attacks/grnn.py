@@ -203,8 +203,9 @@ class GRNN(Attack):
       every eigenvalue), prior_images (0 = the whole public split, else that many drawn with prior_seed).
     - layer_refine (0 = off), layer_refine_lr: at B = 1 on a sigmoid CNN of the form attacks/layer_refine.py
       names (LeNets), the answer is refined layer by layer from the shared gradient in that many steps of
-      Adam at that learning rate on the pixels (no victim gradient evaluations); other models, batches and
-      gradients that a defense visibly altered keep the answer as it is.
+      Adam at that learning rate on the pixels (no victim gradient evaluations; two more check its result);
+      other models, batches, gradients that a defense visibly altered and refined images that fit the gradient
+      far worse than the answer keep the answer as it is.
     """
 
     name = "grnn"

@@ -119,9 +119,8 @@ def test_a_refined_image_that_fits_the_gradient_far_worse_is_dropped(
     the shared gradient tens of times worse than the answer: GRNN then keeps the answer (MAX_LOSS_INCREASE)."""
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
 
-    def astray(*args: object, **kwargs: object) -> torch.Tensor:
-        start = args[4]
-        assert isinstance(start, torch.Tensor)
+    def astray(stages: object, first_linear: object, params: object, target: object, start: torch.Tensor,
+               **settings: object) -> torch.Tensor:
         return 1 - start.double()  # the answer's negative: far from every equation the gradient gives
 
     kept = _prior_trial(0)
