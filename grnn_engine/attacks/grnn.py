@@ -44,9 +44,9 @@ from grnn_engine.attacks.base import (
     Reconstruction,
     labels_from_gradient,
     log_iteration,
-    soft_cross_entropy,
     squared_gradient_distance,
     total_variation,
+    victim_gradient,
 )
 from grnn_engine.attacks.grnn_generator import GrnnGenerator
 from grnn_engine.attacks.grnn_presets import (
@@ -434,8 +434,8 @@ class GRNN(Attack):
             return images
 
         def grad_loss(candidate: Tensor) -> Tensor:
-            fake = torch.autograd.grad(soft_cross_entropy(model(candidate), labels), fit.inputs.params)
-            return fit.objective(fake)[1]
+            fake = victim_gradient(model, fit.inputs.params, candidate, labels, create_graph=False)
+            return squared_gradient_distance(fake, fit.inputs.target)
 
         refined_loss = grad_loss(refined.to(images.dtype))
         if not float(refined_loss) <= MAX_LOSS_INCREASE * float(grad_loss(images)):
@@ -482,7 +482,7 @@ class GRNN(Attack):
             model, params, temperature = fit.victim.at(it, steps)
             images, soft_labels = net(z)
             targets = fixed_labels if fixed_labels is not None else soft_labels
-            fake = torch.autograd.grad(soft_cross_entropy(model(images), targets), params, create_graph=True)
+            fake = victim_gradient(model, params, images, targets, create_graph=True)
             matching, squared = fit.objective(fake)
             loss = matching + fit.tv_weight * self._tv(images) + self._prior_term(fit, images, fit.prior_weight)
             if keep is not None and temperature is None:
@@ -527,7 +527,7 @@ class GRNN(Attack):
         offset = self.steps_per_restart * self.restarts
         for it in range(1, steps + 1):
             model, params, temperature = fit.victim.at(it, steps)
-            fake = torch.autograd.grad(soft_cross_entropy(model(x), labels), params, create_graph=True)
+            fake = victim_gradient(model, params, x, labels, create_graph=True)
             matching, squared = fit.objective(fake)
             loss = matching + refine_tv * self._tv(x) + self._prior_term(fit, x, refine_prior)
             (x.grad,) = torch.autograd.grad(loss, [x])
