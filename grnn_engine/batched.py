@@ -44,6 +44,7 @@ from grnn_engine.attacks.base import (
     Reconstruction,
     attack_inputs,
     labels_from_gradient,
+    log_answer,
     soft_cross_entropy,
     squared_gradient_distance,
     total_variation,
@@ -362,10 +363,22 @@ def _ig_batched(
             if best_images[i] is None or loss_i < best_losses[i]:
                 best_images[i], best_losses[i] = images_i, loss_i
     out = []
-    for img, y, history in zip(best_images, labels, histories, strict=True):
+    for i, (trial, img, answer_loss, y, history) in enumerate(
+        zip(trials, best_images, best_losses, labels, histories, strict=True)
+    ):
         assert img is not None
+        log_answer(history, iterations=attack.iterations, grad_loss=answer_loss, images=img,
+                   evaluate=trial.evaluate, progress=_packed_progress(progress, i, trial))
         out.append(Reconstruction(img.clamp(0, 1), y.long(), history))
     return out
+
+
+def _packed_progress(progress: ProgressFn | None, index: int, trial: PreparedTrial) -> ProgressFn | None:
+    """`progress` for one trial of the pack: its entries with `pack_index` and `trial_key` added, as `_log`'s."""
+    if progress is None:
+        return None
+    key = trial.spec.key()
+    return lambda entry: progress({**entry, "pack_index": index, "trial_key": key})
 
 
 def _offer(best: BestIterate, loss: Tensor, x: Tensor) -> None:

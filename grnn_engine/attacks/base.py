@@ -387,6 +387,24 @@ def log_iteration(
     return value
 
 
+def log_answer(
+    history: list[dict[str, float]],
+    *,
+    iterations: int,
+    grad_loss: Tensor | float,
+    images: Tensor,
+    evaluate: EvaluateFn | None,
+    progress: ProgressFn | None,
+    extra: dict[str, float] | None = None,
+) -> None:
+    """End the history of an attack that returns its best iterate (or a combination), not its last, with
+    that answer: one more entry at the last logged iteration, marked `answer` 1, so that a trial's
+    convergence curve ends where its score does."""
+    iteration = int(history[-1]["iteration"]) if history else iterations
+    log_iteration(history, iteration=iteration, iterations=iterations, grad_loss=grad_loss, images=images,
+                  evaluate=evaluate, progress=progress, extra={**(extra or {}), "answer": 1.0})
+
+
 def attack_inputs(
     name: str, model: nn.Module, shared_update: SharedUpdate, *, batch_size: int, eval_every: int
 ) -> tuple[list[Tensor], list[Tensor]]:

@@ -20,6 +20,7 @@ from grnn_engine.attacks.base import (
     AttackInputs,
     BestIterate,
     Reconstruction,
+    log_answer,
     log_iteration,
     random_start,
     squared_gradient_distance,
@@ -52,7 +53,7 @@ def lbfgs_gradient_matching(
     """Fit `dummy` (and `logits` when given, else fixed `labels`) by L-BFGS on the squared gradient distance.
 
     Returns the best iterate ([images] or [images, logits], lowest finite loss seen at any closure
-    evaluation) and the history. Stops at the first non-finite step loss: L-BFGS diverges on some real
+    evaluation) and the history, which ends with that answer (`log_answer`). Stops at the first non-finite step loss: L-BFGS diverges on some real
     images, and the best finite iterate is then still a fair (poor) answer.
     """
     params, target = inputs.params, inputs.target
@@ -86,6 +87,8 @@ def lbfgs_gradient_matching(
                           images=before, evaluate=evaluate, progress=progress)
         if not finite:
             break
+    log_answer(history, iterations=iterations, grad_loss=best.loss, images=best.values[0], evaluate=evaluate,
+               progress=progress)
     return best.values, history
 
 

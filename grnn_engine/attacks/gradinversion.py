@@ -44,6 +44,7 @@ from grnn_engine.attacks.base import (
     batchnorm_layers,
     check_batchnorm,
     labels_from_gradient,
+    log_answer,
     log_iteration,
     random_start,
     squared_gradient_distance,
@@ -161,7 +162,8 @@ class GradInversion(Attack):
         x = random_start((inputs.batch_size, *inputs.image_shape), generator, like=params[0])
         optimizer = torch.optim.Adam([x], lr=self.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule)
-        best = BestIterate(x)
+        # The answer is the iterate of lowest total loss; its two terms are kept with it for the history.
+        best = BestIterate(x, torch.zeros((), device=x.device), torch.zeros((), device=x.device))
         history: list[dict[str, float]] = []
         with prior:
             for it in range(1, self.iterations + 1):
@@ -174,7 +176,7 @@ class GradInversion(Attack):
                 if self.l2_weight:
                     loss = loss + self.l2_weight * x.pow(2).sum() / inputs.batch_size
                 (x.grad,) = torch.autograd.grad(loss, [x])
-                best.offer(loss, x)
+                best.offer(loss, x, grad_loss, bn_loss)
                 log_now = it % inputs.eval_every == 0 or it == self.iterations
                 before = x.detach().clone() if log_now and inputs.evaluate is not None else x
                 current_lr = optimizer.param_groups[0]["lr"]
@@ -191,4 +193,7 @@ class GradInversion(Attack):
                                           extra={"bn_loss": float(bn_loss.detach())})  # fmt: skip
                     if not math.isfinite(value):
                         break
-        return Reconstruction(images=best.values[0].clamp(0, 1), labels=labels.long(), history=history)
+        answer, answer_grad_loss, answer_bn_loss = best.values
+        log_answer(history, iterations=self.iterations, grad_loss=answer_grad_loss, images=answer,
+                   evaluate=inputs.evaluate, progress=inputs.progress, extra={"bn_loss": float(answer_bn_loss)})
+        return Reconstruction(images=answer.clamp(0, 1), labels=labels.long(), history=history)

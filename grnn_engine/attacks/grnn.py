@@ -43,6 +43,7 @@ from grnn_engine.attacks.base import (
     BestIterate,
     Reconstruction,
     labels_from_gradient,
+    log_answer,
     log_iteration,
     squared_gradient_distance,
     total_variation,
@@ -407,12 +408,16 @@ class GRNN(Attack):
         runs = [self._one_restart(fit, restart) for restart in range(self.restarts)]
         # NaN never compares lower, so a diverged restart only wins when every restart diverged.
         best = min(range(len(runs)), key=lambda r: runs[r][2] if math.isfinite(runs[r][2]) else math.inf)
-        images, labels, _ = runs[best]
+        images, labels, loss = runs[best]
         if self.combine == "mean" and len(runs) > 1:
             finite = [r for r in runs if math.isfinite(r[2])]
             images = torch.stack([_align(im, lab, images, labels) for im, lab, _ in finite]).mean(dim=0)
+            loss = float(self._gradient_loss(model, fit, images, labels))
         if self.refine_iterations:
-            images = self._refine(fit, images, labels)
+            images, loss = self._refine(fit, images, labels, loss)
+        if self.select == "best" or len(runs) > 1 or self.refine_iterations:
+            log_answer(fit.history, iterations=self.iterations, grad_loss=loss, images=images,
+                       evaluate=inputs.evaluate, progress=inputs.progress)
         if self.layer_refine and inputs.batch_size == 1:
             images = self._layer_refine(model, fit, images, labels)
         return Reconstruction(images=images.clamp(0, 1), labels=labels, history=fit.history)
@@ -432,16 +437,18 @@ class GRNN(Attack):
                                lr=self.layer_refine_lr, prior_penalty=prior)
         if refined is None:
             return images
-
-        def grad_loss(candidate: Tensor) -> Tensor:
-            fake = victim_gradient(model, fit.inputs.params, candidate, labels, create_graph=False)
-            return squared_gradient_distance(fake, fit.inputs.target)
-
-        refined_loss = grad_loss(refined.to(images.dtype))
-        if not float(refined_loss) <= MAX_LOSS_INCREASE * float(grad_loss(images)):
+        refined_loss = self._gradient_loss(model, fit, refined.to(images.dtype), labels)
+        if not float(refined_loss) <= MAX_LOSS_INCREASE * float(self._gradient_loss(model, fit, images, labels)):
             return images
         self._log(fit, self.iterations, refined_loss, refined, None, {"layer_refine": 1.0})
         return refined
+
+    @staticmethod
+    def _gradient_loss(model: nn.Module, fit: _Fit, images: Tensor, labels: Tensor) -> Tensor:
+        """The squared distance of (images, labels)'s gradient on the exact victim to the shared one (one
+        victim gradient)."""
+        fake = victim_gradient(model, fit.inputs.params, images, labels, create_graph=False)
+        return squared_gradient_distance(fake, fit.inputs.target)
 
     def _log(self, fit: _Fit, iteration: int, squared: Tensor, images: Tensor, temperature: float | None,
              extra: dict[str, float]) -> bool:
@@ -513,8 +520,9 @@ class GRNN(Attack):
         labels = fixed_labels if fixed_labels is not None else soft_labels.detach().argmax(dim=1)
         return images.detach(), labels, final_loss
 
-    def _refine(self, fit: _Fit, start: Tensor, labels: Tensor) -> Tensor:
-        """Fit the pixels directly from the generator's answer; returns the iterate of lowest gradient loss."""
+    def _refine(self, fit: _Fit, start: Tensor, labels: Tensor, start_loss: float) -> tuple[Tensor, float]:
+        """Fit the pixels directly from the generator's answer (whose gradient loss is `start_loss`); returns the
+        iterate of lowest gradient loss and that loss."""
         x = start.detach().clone().clamp(0, 1).requires_grad_(True)
         steps = self.refine_iterations
         # Plain momentum SGD, not Adam: Adam's per-pixel normalisation inflates the steps of pixels the
@@ -541,4 +549,5 @@ class GRNN(Attack):
                 x.clamp_(0, 1)
             if log_now and not self._log(fit, offset + it, squared, before, temperature, {}):
                 break
-        return keep.values[0] if math.isfinite(float(keep.loss)) else start
+        best_loss = float(keep.loss)
+        return (keep.values[0], best_loss) if math.isfinite(best_loss) else (start, start_loss)

@@ -29,6 +29,7 @@ from grnn_engine.attacks.base import (
     ProgressFn,
     Reconstruction,
     labels_from_gradient,
+    log_answer,
     log_iteration,
     random_start,
     total_variation,
@@ -120,6 +121,8 @@ class InvertingGradients(Attack):
             if best_images is None or loss < best_loss:
                 best_images, best_loss = images, loss
         assert best_images is not None
+        log_answer(history, iterations=self.iterations, grad_loss=best_loss, images=best_images, evaluate=evaluate,
+                   progress=progress)
         return Reconstruction(images=best_images.clamp(0, 1), labels=labels.long(), history=history)
 
     def _one_restart(

@@ -126,11 +126,16 @@ def test_gradient_loss_decreases_and_output_is_a_valid_image(digits, name):
     calls: list[torch.Tensor] = []
     result = run(name, model, update, evaluate=lambda im: calls.append(im) or 0.0,
                  eval_every=FEW[name]["iterations"] // 4, **FEW[name])
-    losses = [h["grad_loss"] for h in result.history]
+    *iterates, answer = result.history
+    losses = [h["grad_loss"] for h in iterates]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    assert [h["iteration"] for h in result.history] == [FEW[name]["iterations"] // 4 * i for i in (1, 2, 3, 4)]
-    # evaluate is called exactly at the logged iterations, never more often.
-    assert len(calls) == len(result.history)
+    assert [h["iteration"] for h in iterates] == [FEW[name]["iterations"] // 4 * i for i in (1, 2, 3, 4)]
+    assert not any("answer" in h for h in iterates)
+    # The history ends with the answer returned, the best iterate: at the last iteration, no worse than any.
+    assert answer["answer"] == 1 and answer["iteration"] == FEW[name]["iterations"]
+    assert answer["grad_loss"] <= min(losses)
+    # evaluate is called exactly at the logged iterations and on the answer, never more often.
+    assert len(calls) == len(result.history) and torch.equal(calls[-1], result.images)
     assert result.images.shape == (1, *IMAGE_SHAPE) and not result.images.requires_grad
     assert torch.isfinite(result.images).all()
 
@@ -161,7 +166,9 @@ def test_non_finite_loss_stops_with_a_finite_answer(digits, name):
     poisoned = [t.clone() for t in update.tensors]
     poisoned[0].view(-1)[0] = float("nan")
     result = run(name, model, SharedUpdate(tuple(poisoned)), iterations=20)
-    assert len(result.history) == 1 and math.isnan(result.history[0]["grad_loss"])
+    # One iterate, then the answer: the random start, no loss of which was ever finite.
+    assert len(result.history) == 2 and math.isnan(result.history[0]["grad_loss"])
+    assert result.history[1]["answer"] == 1 and not math.isfinite(result.history[1]["grad_loss"])
     assert torch.isfinite(result.images).all()
     assert result.images.min() >= 0 and result.images.max() <= 1
 
@@ -185,8 +192,9 @@ def test_ig_counts_the_steps_of_every_restart(digits):
         model, update, num_classes=10, batch_size=1, image_shape=IMAGE_SHAPE,
         generator=torch.Generator().manual_seed(0), progress=seen.append, eval_every=5,
     )
-    assert [h["iteration"] for h in result.history] == [5, 10, 15, 20]
-    assert [s["iteration"] for s in seen] == [5, 10, 15, 20] and seen[0]["iterations"] == 20
+    # Both restarts' iterates, then the answer (the better restart's best iterate) at the last iteration.
+    assert [h["iteration"] for h in result.history] == [5, 10, 15, 20, 20] and result.history[-1]["answer"] == 1
+    assert [s["iteration"] for s in seen] == [5, 10, 15, 20, 20] and seen[0]["iterations"] == 20
     assert torch.isfinite(result.images).all()
 
 

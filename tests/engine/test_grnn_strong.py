@@ -132,7 +132,8 @@ def test_softened_phases_are_logged_and_never_selected() -> None:
     attack = ATTACKS.create("grnn", preset="strong", iterations=10, refine_iterations=10)
     recon = attack.reconstruct(model, update, num_classes=10, batch_size=1, image_shape=(3, 32, 32),
                                generator=torch.Generator().manual_seed(2), eval_every=1)
-    temperatures = [h.get("pool_temperature") for h in recon.history]
+    *iterates, last = recon.history
+    temperatures = [h.get("pool_temperature") for h in iterates]
     assert len(temperatures) == 20
     for phase in (temperatures[:10], temperatures[10:]):
         assert all(t is not None for t in phase[:8]) and phase[8:] == [None, None]
@@ -140,5 +141,8 @@ def test_softened_phases_are_logged_and_never_selected() -> None:
     params = trainable_parameters(model)
     fake = victim_gradient(model, params, recon.images, recon.labels, create_graph=False)
     answer = float(squared_gradient_distance(fake, update.tensors))
-    exact_refine = [h["grad_loss"] for h in recon.history[10:] if "pool_temperature" not in h]
+    exact_refine = [h["grad_loss"] for h in iterates[10:] if "pool_temperature" not in h]
     assert answer <= min(exact_refine) * (1 + 1e-4)
+    # The history ends with that answer, at the last iteration.
+    assert last["answer"] == 1 and last["iteration"] == 20 and "pool_temperature" not in last
+    assert last["grad_loss"] == pytest.approx(answer, rel=1e-4)

@@ -46,6 +46,21 @@ def test_run_trial_returns_a_complete_scored_row() -> None:
     assert png.size == (2 * 34 + 2, 2 * 34 + 2)  # two rows (truth, reconstruction) of two 32px images
 
 
+@pytest.mark.parametrize(("attack", "params", "best"), [
+    ("grnn", {"iterations": 20}, False),  # the paper's GRNN returns its last iterate
+    ("grnn", {"preset": "strong", "iterations": 10, "refine_iterations": 10}, True),
+    ("idlg", {"iterations": 4}, True),
+])
+def test_convergence_curve_ends_at_the_trial_score(attack: str, params: dict, best: bool) -> None:
+    """The history's last PSNR is the trial's: an attack returning its best iterate ends it with that answer."""
+    row = run_trial(TrialSpec(attack=attack, attack_params=params, batch_size=2, eval_every=5)).to_row()
+    *iterates, last = json.loads(row["history_json"])
+    assert last["psnr"] == pytest.approx(row["psnr"], abs=1e-4)
+    assert last.get("answer") == (1 if best else None) and not any("answer" in h for h in iterates)
+    if best:  # one more entry, at the last iteration
+        assert last["iteration"] == iterates[-1]["iteration"]
+
+
 def test_run_trial_is_reproducible() -> None:
     a, b = run_trial(SMALL).to_row(), run_trial(SMALL).to_row()
     assert a["psnr_per_image"] == b["psnr_per_image"]
