@@ -53,8 +53,9 @@ def lbfgs_gradient_matching(
     """Fit `dummy` (and `logits` when given, else fixed `labels`) by L-BFGS on the squared gradient distance.
 
     Returns the best iterate ([images] or [images, logits], lowest finite loss seen at any closure
-    evaluation) and the history, which ends with that answer (`log_answer`). Stops at the first non-finite step loss: L-BFGS diverges on some real
-    images, and the best finite iterate is then still a fair (poor) answer.
+    evaluation) and the history, which ends with that answer (`log_answer`). Stops at the first non-finite
+    step loss: L-BFGS diverges on some real images, and the best finite iterate is then still a fair (poor)
+    answer.
     """
     params, target = inputs.params, inputs.target
     eval_every, evaluate, progress = inputs.eval_every, inputs.evaluate, inputs.progress
