@@ -88,8 +88,12 @@ def test_batched_grnn_equals_one_by_one() -> None:
 
 
 def test_batched_ig_equals_one_by_one() -> None:
-    _assert_same_results(IG_SPECS)
+    seen: list[dict[str, Any]] = []
+    _assert_same_results(IG_SPECS, progress=seen.append)
     _assert_same_images(IG_SPECS, _ig_batched)
+    # Each trial's history ends with its answer (its best iterate), reported with its place in the pack.
+    answers = [(m["pack_index"], m["trial_key"]) for m in seen if m.get("answer") == 1]
+    assert answers == [(i, spec.key()) for i, spec in enumerate(IG_SPECS)]
 
 
 def test_batched_attacks_each_trial_on_its_own_stage() -> None:
