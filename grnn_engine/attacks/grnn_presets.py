@@ -81,12 +81,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # `strong` with the learned Gaussian image prior (attacks/image_prior.py), all 3000 evaluations spent on the
-# generator. Revision 1 (2026-12-06, README): TV 0.6 beside the prior on a LeNet and 95% of the evaluations on
-# the softened victim instead of 80% (at B=8 the exact phase never improved on its first iterate), measured
-# against revision 0 (the prior without TV, 80%) on 8 batches: CIFAR-10 +0.1 dB at B=1 and B=4, +0.9 at B=8,
-# +0.5 at B=16; MNIST -0.3 at B=1, +0.3 at B=4. TV 0.3 alone had lost 1.5 dB at B=4 on MNIST. The patch mixture
-# (`prior: patch_gmm`) measured equal at B=1 and B=16, +0.2 dB at B=4 and +0.36 dB at B=8 on CIFAR-10 against
-# revision 0, but on MNIST it loses 4.5 dB at B=1 and 2.3 dB at B=8, so it is not the preset's default.
+# generator. Revision 1 (2026-12-06, README; how it was found: docs/prior_experiments.md): TV 0.6 beside the prior
+# on a LeNet and 95% of the evaluations on the softened victim instead of 80% (at B=8 the exact phase never improved
+# on its first iterate), measured against revision 0 (the prior without TV, 80%) on 8 batches: CIFAR-10 +0.1 dB at
+# B=1 and B=4, +0.9 at B=8, +0.5 at B=16; MNIST -0.3 at B=1, +0.3 at B=4. TV 0.3 alone had lost 1.5 dB at B=4 on
+# MNIST. The patch mixture (`prior: patch_gmm`) measured equal at B=1 and B=16, +0.2 dB at B=4 and +0.36 dB at B=8
+# on CIFAR-10 against revision 0, but on MNIST it loses 4.5 dB at B=1 and 2.3 dB at B=8, so it is not the preset's
+# default.
 # Revision 2 (2026-12-06, README "Layer refinement at B=1"): the layer refinement at B=1, on the same 8 batches
 # CIFAR-10 33.49 dB against 29.00, MNIST 50.93 against 38.57; batches and other models compute what revision 1 did.
 # Revision 3 (2026-12-06, README "Layer refinement at B=1"): the refinement's checks calibrated on 8 batches (kept

@@ -7,7 +7,7 @@ weight gradient. A max-pool hides which entry of each window won; given those po
 to the first convolution's output is linear algebra. GRNN's answer knows the deeper positions (98-99% of
 the second pool's on CIFAR-10 LeNet) but not the first pool's (65-80%), and that is where its error
 lives: with the true positions the Gaussian prior's conditional mean of the image is 34-47 dB where the
-generator gives 26-34 (README, issue 19 notes).
+generator gives 26-34 (docs/prior_experiments.md, "Where the local minimum comes from").
 
 So `refine_image`:
 1. reads the first Linear layer's input u and dL/du from the shared gradient (exact);
