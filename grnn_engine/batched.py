@@ -45,6 +45,7 @@ from grnn_engine.attacks.base import (
     attack_inputs,
     labels_from_gradient,
     log_answer,
+    log_iteration,
     soft_cross_entropy,
     squared_gradient_distance,
     total_variation,
@@ -181,19 +182,16 @@ History = list[dict[str, float]]
 
 
 def _log(trials: Sequence[PreparedTrial], histories: list[History], active: list[bool], iteration: int,
-         iterations: int, losses: Tensor, images: Tensor, progress: ProgressFn | None, clamp: bool) -> None:
-    """History entries at a logging iteration for every trial still running; stops those that diverged."""
+         iterations: int, losses: Tensor, images: Tensor, progress: ProgressFn | None) -> None:
+    """History entries (`log_iteration`, as the one-trial loops) at a logging iteration for every trial still
+    running; stops those that diverged."""
     values = losses.detach().cpu().tolist()  # one host sync for all trials
     for i, trial in enumerate(trials):
         if not active[i]:
             continue
-        entry: dict[str, float] = {"iteration": iteration, "grad_loss": float(values[i])}
-        candidate = images[i].detach()
-        entry["psnr"] = trial.evaluate(candidate.clamp(0, 1) if clamp else candidate)
-        histories[i].append(entry)
-        if progress is not None:
-            progress({**entry, "iterations": iterations, "pack_index": i, "trial_key": trial.spec.key()})
-        if not math.isfinite(entry["grad_loss"]):
+        value = log_iteration(histories[i], iteration=iteration, iterations=iterations, grad_loss=float(values[i]),
+                              images=images[i], evaluate=trial.evaluate, progress=_packed_progress(progress, i, trial))
+        if not math.isfinite(value):
             active[i] = False
 
 
@@ -262,7 +260,7 @@ def _grnn_batched(
         optimizer.step()
         if it % eval_every == 0 or it == steps:
             was_active = list(active)
-            _log(trials, histories, active, it, attack.iterations, squared, images, progress, clamp=False)
+            _log(trials, histories, active, it, attack.iterations, squared, images, progress)
             for i in range(n):
                 if was_active[i] and not active[i]:  # diverged: the one-trial loop stops here
                     final_images[i], final_soft[i] = images[i].detach(), soft_labels[i].detach()
@@ -350,7 +348,7 @@ def _ig_batched(
                 x.clamp_(0, 1)
             if log_now:
                 was_active = list(active)
-                _log(trials, histories, active, offset + it, attack.iterations, distance, before, progress, clamp=True)
+                _log(trials, histories, active, offset + it, attack.iterations, distance, before, progress)
                 for i in range(n):
                     if was_active[i] and not active[i]:
                         frozen[i] = (best.values[0][i].clone(), float(best.loss[i]))
