@@ -18,8 +18,10 @@ matches the shared gradient. Three presets:
 - `prior`: `strong` with a learned image prior (beside twice its TV on a LeNet-sized model): the Gaussian of
   public images of the victim's domain (attacks/image_prior.py; `prior: patch_gmm` is a Gaussian mixture over
   their small patches, attacks/patch_prior.py), fitted on the dataset split the private batch is not drawn
-  from, and all 3000 evaluations spent on the generator; at B=1 on a LeNet-like chain its answer is then refined
-  layer by layer from the shared gradient (attacks/layer_refine.py; no victim gradient evaluations).
+  from, and all 3000 evaluations spent on the generator; on a LeNet-like chain its answer is then refined from the
+  shared gradient: at B=1 layer by layer (attacks/layer_refine.py), at B > 1 averaged with the images decoded from
+  every image's features, which the classifier's gradient gives (attacks/feature_decode.py); neither evaluates
+  the victim's gradient.
 
 Every knob is a parameter; one given explicitly overrides the preset's value. Restarts and the choice of
 iterate use only the gradient loss, which the attacker sees, never the truth.
@@ -49,6 +51,7 @@ from grnn_engine.attacks.base import (
     total_variation,
     victim_gradient,
 )
+from grnn_engine.attacks.feature_decode import FeatureDecoder, solve_features
 from grnn_engine.attacks.grnn_generator import GrnnGenerator
 from grnn_engine.attacks.grnn_presets import (
     COMBINES,
@@ -67,7 +70,7 @@ from grnn_engine.attacks.grnn_presets import (
     TV_BY_SIZE,
 )
 from grnn_engine.attacks.ig import CosineDistance
-from grnn_engine.attacks.image_prior import PriorSettings, PublicData, load_or_fit_prior
+from grnn_engine.attacks.image_prior import PriorSettings, PublicData, load_or_fit_prior, public_image_chunks
 from grnn_engine.attacks.layer_refine import MAX_LOSS_INCREASE, chain_of, refine_image
 from grnn_engine.attacks.patch_prior import load_or_fit_patch_prior
 from grnn_engine.attacks.soft_pool import SoftenedVictim
@@ -207,6 +210,11 @@ class GRNN(Attack):
       Adam at that learning rate on the pixels (no victim gradient evaluations; two more check its result);
       other models, batches, gradients that a defense visibly altered and refined images that fit the gradient
       far worse than the answer keep the answer as it is.
+    - feature_decode (0 = off, up to 1): at B > 1 on such a chain, the answer is averaged with the images decoded
+      from every image's features (solved from the classifier's gradient, decoded linearly as the public split's
+      images are from theirs; attacks/feature_decode.py), this weight on the decoded images (no victim gradient
+      evaluations; one more gives the average's gradient loss). Other models, B = 1 and gradients that do not give
+      the features (a defense altered them) keep the answer as it is. Needs public data, as a prior does.
     """
 
     name = "grnn"
@@ -245,6 +253,7 @@ class GRNN(Attack):
         prior_seed: int | None = None,
         layer_refine: int | None = None,
         layer_refine_lr: float | None = None,
+        feature_decode: float | None = None,
     ) -> None:
         _choice("preset", preset, tuple(PRESETS))
         given = {
@@ -257,6 +266,7 @@ class GRNN(Attack):
             "soft_pool_fraction": soft_pool_fraction, "prior": prior, "prior_weight": prior_weight,
             "refine_prior_weight": refine_prior_weight, "prior_floor": prior_floor, "prior_images": prior_images,
             "prior_seed": prior_seed, "layer_refine": layer_refine, "layer_refine_lr": layer_refine_lr,
+            "feature_decode": feature_decode,
         }
         knobs: dict[str, Any] = {k: (v if v is not None else PRESETS[preset][k]) for k, v in given.items()}
         _positive_int("iterations", knobs["iterations"])
@@ -288,6 +298,9 @@ class GRNN(Attack):
         for optional in ("tv_weight", "chroma_weight", "refine_tv_weight", "prior_weight", "refine_prior_weight"):
             if knobs[optional] is not None:
                 _number(optional, knobs[optional], positive=False)
+        d = knobs["feature_decode"]
+        if not (isinstance(d, int | float) and not isinstance(d, bool) and 0 <= d <= 1):
+            raise ConfigError(f"grnn feature_decode must be a number in [0, 1] (got {d!r})")
         m = knobs["momentum"]
         if not (isinstance(m, int | float) and not isinstance(m, bool) and 0 <= m < 1):
             raise ConfigError(f"grnn momentum must be a number in [0, 1) (got {m!r})")
@@ -326,6 +339,7 @@ class GRNN(Attack):
         self.prior_settings = PriorSettings(images=self.prior_images, seed=self.prior_seed)
         self.layer_refine: int = knobs["layer_refine"]
         self.layer_refine_lr: float = knobs["layer_refine_lr"]
+        self.feature_decode: float = knobs["feature_decode"]
         self.public_data: PublicData | None = None
         self.iterations = self.steps_per_restart * self.restarts + self.refine_iterations
 
@@ -359,18 +373,23 @@ class GRNN(Attack):
         device and dtype)."""
         if self.prior == "none":
             return None
-        if self.public_data is None:
-            raise ConfigError(f"grnn prior '{self.prior}' needs public images of the victim's domain from a split "
-                              "disjoint from the attacked batch's: attack a batch from split train or test (split "
-                              "'all' leaves none), through run_trial or after bind_public_data")
-        if self.public_data.image_size != inputs.image_shape[1]:
-            raise ConfigError(f"grnn prior: public images of size {self.public_data.image_size} do not match the "
-                              f"attacked images of size {inputs.image_shape[1]}")
+        public = self._public(inputs, f"prior '{self.prior}'")
         param = inputs.params[0]
         if self.prior == "patch_gmm":
-            return load_or_fit_patch_prior(self.public_data, self.prior_settings).to(param.device, param.dtype).penalty
-        gaussian = load_or_fit_prior(self.public_data, self.prior_settings).to(param.device, param.dtype)
+            return load_or_fit_patch_prior(public, self.prior_settings).to(param.device, param.dtype).penalty
+        gaussian = load_or_fit_prior(public, self.prior_settings).to(param.device, param.dtype)
         return functools.partial(gaussian.penalty, floor=self.prior_floor)
+
+    def _public(self, inputs: AttackInputs, what: str) -> PublicData:
+        """The bound public data, checked against the attacked images; `what` names the knob that needs it."""
+        if self.public_data is None:
+            raise ConfigError(f"grnn {what} needs public images of the victim's domain from a split disjoint from "
+                              "the attacked batch's: attack a batch from split train or test (split 'all' leaves "
+                              "none), through run_trial or after bind_public_data")
+        if self.public_data.image_size != inputs.image_shape[1]:
+            raise ConfigError(f"grnn {what}: public images of size {self.public_data.image_size} do not match the "
+                              f"attacked images of size {inputs.image_shape[1]}")
+        return self.public_data
 
     def _prior_term(self, fit: _Fit, images: Tensor, weight: float) -> Tensor | float:
         if fit.prior_penalty is None or weight == 0:
@@ -394,6 +413,8 @@ class GRNN(Attack):
         return optimizer, scheduler
 
     def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
+        if self.feature_decode and inputs.batch_size > 1:
+            self._public(inputs, "feature_decode")  # before the fit, not after it
         fixed_labels = None
         if self.labels == "inferred":
             fixed_labels = labels_from_gradient(
@@ -420,6 +441,8 @@ class GRNN(Attack):
                        evaluate=inputs.evaluate, progress=inputs.progress)
         if self.layer_refine and inputs.batch_size == 1:
             images = self._layer_refine(model, fit, images, labels)
+        elif self.feature_decode and inputs.batch_size > 1:
+            images = self._feature_decode(model, fit, images, labels)
         return Reconstruction(images=images.clamp(0, 1), labels=labels, history=fit.history)
 
     def _layer_refine(self, model: nn.Module, fit: _Fit, images: Tensor, labels: Tensor) -> Tensor:
@@ -433,8 +456,8 @@ class GRNN(Attack):
         penalty = fit.prior_penalty
         # The prior was moved to the victim's dtype; the refinement works in float64.
         prior = None if penalty is None else (lambda im: penalty(im.to(images.dtype)))
-        refined = refine_image(*chain, fit.inputs.params, fit.inputs.target, images, steps=self.layer_refine,
-                               lr=self.layer_refine_lr, prior_penalty=prior)
+        refined = refine_image(chain.stages, chain.first_linear, fit.inputs.params, fit.inputs.target, images,
+                               steps=self.layer_refine, lr=self.layer_refine_lr, prior_penalty=prior)
         if refined is None:
             return images
         refined_loss = self._gradient_loss(model, fit, refined.to(images.dtype), labels)
@@ -442,6 +465,27 @@ class GRNN(Attack):
             return images
         self._log(fit, self.iterations, refined_loss, refined, None, {"layer_refine": 1.0})
         return refined
+
+    def _feature_decode(self, model: nn.Module, fit: _Fit, images: Tensor, labels: Tensor) -> Tensor:
+        """The answer averaged with the images decoded from its features (attacks/feature_decode.py), weight
+        `feature_decode` on the decoded, on a model that module applies to and whose shared gradient gives the
+        features; the images unchanged otherwise. The average ends the history, at the last iteration with
+        `feature_decode` 1 (its gradient loss costs one victim gradient)."""
+        chain = chain_of(model, fit.inputs.image_shape)
+        if chain is None:
+            return images
+        with torch.no_grad():
+            start = chain.features(images)
+        features = solve_features(chain, fit.inputs.params, fit.inputs.target, start, labels)
+        if features is None:
+            return images
+        assert self.public_data is not None  # checked before the fit
+        _, public_images = public_image_chunks(self.public_data, self.prior_settings)
+        decoded = FeatureDecoder(chain, public_images, images.device)(features, fit.inputs.image_shape)
+        blended = ((1 - self.feature_decode) * images + self.feature_decode * decoded.to(images.dtype)).detach()
+        self._log(fit, self.iterations, self._gradient_loss(model, fit, blended, labels), blended, None,
+                  {"feature_decode": 1.0})
+        return blended
 
     @staticmethod
     def _gradient_loss(model: nn.Module, fit: _Fit, images: Tensor, labels: Tensor) -> Tensor:

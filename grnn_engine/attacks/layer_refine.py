@@ -102,9 +102,40 @@ def _pool_size(layer: nn.MaxPool2d) -> int | None:
     return kernel
 
 
-def chain_of(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[list[Stage], nn.Linear] | None:
-    """The model's convolution stages and its first Linear layer when the model is such a chain (applied in
-    the order its layers are defined: checked on an image), else None."""
+@dataclass(frozen=True)
+class Chain:
+    """A sigmoid CNN read off a model: its convolution stages, then its classifier head (Linear layers with
+    Sigmoids between them, `head[0]` the first Linear layer, whose input is the image's features)."""
+
+    stages: tuple[Stage, ...]
+    head: tuple[nn.Module, ...]
+
+    @property
+    def first_linear(self) -> nn.Linear:
+        first = self.head[0]
+        assert isinstance(first, nn.Linear)
+        return first
+
+    def features(self, images: Tensor) -> Tensor:
+        """The first Linear layer's input (N, D) for `images` (N, C, H, W)."""
+        for stage in self.stages:
+            images = _pooled(torch.sigmoid(stage.conv(images)), stage.pool)
+        return images.flatten(1)
+
+    def logits(self, features: Tensor) -> Tensor:
+        for layer in self.head:
+            features = layer(features)
+        return features
+
+    def float64(self) -> Chain:
+        """A float64 copy of every layer (the model itself is left as it is)."""
+        return Chain(tuple(Stage(_double(s.conv), s.pool) for s in self.stages),
+                     tuple(copy.deepcopy(layer).double() for layer in self.head))
+
+
+def chain_of(model: nn.Module, image_shape: tuple[int, int, int]) -> Chain | None:
+    """The model's convolution stages and classifier head when the model is such a chain (applied in the order
+    its layers are defined: checked on an image), else None."""
     leaves = leaf_layers(model)
     stages: list[Stage] = []
     i = 0
@@ -125,20 +156,10 @@ def chain_of(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[list[
     kinds = [type(m) for m in rest]
     if not stages or not rest or kinds != [nn.Linear, nn.Sigmoid] * (len(rest) // 2) + [nn.Linear]:
         return None
-    first = rest[0]
-    assert isinstance(first, nn.Linear)
-    if first.bias is None:
+    chain = Chain(tuple(stages), tuple(rest))
+    if chain.first_linear.bias is None:
         return None
-
-    def forward(x: Tensor) -> Tensor:
-        for stage in stages:
-            x = _pooled(torch.sigmoid(stage.conv(x)), stage.pool)
-        x = x.flatten(1)
-        for layer in rest:
-            x = layer(x)
-        return x
-
-    return (stages, first) if applies_in_order(model, image_shape, forward) else None
+    return chain if applies_in_order(model, image_shape, lambda x: chain.logits(chain.features(x))) else None
 
 
 def _windows(a: Tensor, pool: int) -> Tensor:

@@ -29,6 +29,7 @@ KNOBS = {  # preset key -> attribute of the attack that holds it
     "soft_pool_fraction": "soft_pool_fraction", "prior": "prior", "prior_weight": "prior_weight",
     "refine_prior_weight": "refine_prior_weight", "prior_floor": "prior_floor", "prior_images": "prior_images",
     "prior_seed": "prior_seed", "layer_refine": "layer_refine", "layer_refine_lr": "layer_refine_lr",
+    "feature_decode": "feature_decode",
 }
 
 

@@ -25,10 +25,10 @@ def test_the_chain_is_read_off_the_lenets_and_no_other_model() -> None:
     lenet = create_victim("lenet", num_classes=10, image_size=32, seed=0)
     chain = chain_of(lenet, (3, 32, 32))
     assert chain is not None
-    stages, first = chain
-    assert [s.pool for s in stages] == [2, 2] and first is lenet.classifier[0]
+    assert [s.pool for s in chain.stages] == [2, 2] and chain.first_linear is lenet.classifier[0]
+    assert list(chain.head) == list(lenet.classifier)
     zhu = chain_of(create_victim("lenet_zhu", num_classes=10, image_size=32, seed=0), (3, 32, 32))
-    assert zhu is not None and [s.pool for s in zhu[0]] == [1, 1, 1]
+    assert zhu is not None and [s.pool for s in zhu.stages] == [1, 1, 1]
     assert chain_of(create_victim("resnet20", num_classes=10, image_size=32, seed=0), (3, 32, 32)) is None
     relu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
     assert chain_of(relu, (3, 32, 32)) is None
@@ -68,7 +68,7 @@ def test_a_start_with_the_right_deeper_positions_comes_back_to_the_private_image
     assert chain is not None
 
     def refine(start: torch.Tensor) -> torch.Tensor:
-        refined = refine_image(*chain, params, target, start, steps=1500, lr=3e-3,
+        refined = refine_image(chain.stages, chain.first_linear, params, target, start, steps=1500, lr=3e-3,
                                prior_penalty=lambda x: prior.penalty(x.float(), floor=1e-4))
         assert refined is not None and refined.shape == images.shape and refined.dtype == images.dtype
         return refined
