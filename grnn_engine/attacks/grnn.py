@@ -51,12 +51,13 @@ from grnn_engine.attacks.base import (
     total_variation,
     victim_gradient,
 )
-from grnn_engine.attacks.feature_decode import FeatureDecoder, solve_features
+from grnn_engine.attacks.feature_decode import FeatureDecoder, blend_by_features, solve_features
 from grnn_engine.attacks.grnn_generator import GrnnGenerator
 from grnn_engine.attacks.grnn_presets import (
     COMBINES,
     DEFAULT_PRESET,
     DISTANCES,
+    FEATURE_DECODES,
     GENERATOR_NORMS,
     LABELS,
     OPTIMIZERS,
@@ -210,11 +211,12 @@ class GRNN(Attack):
       Adam at that learning rate on the pixels (no victim gradient evaluations; two more check its result);
       other models, batches, gradients that a defense visibly altered and refined images that fit the gradient
       far worse than the answer keep the answer as it is.
-    - feature_decode (0 = off, up to 1): at B > 1 on such a chain, the answer is averaged with the images decoded
-      from every image's features (solved from the classifier's gradient, decoded linearly as the public split's
-      images are from theirs; attacks/feature_decode.py), this weight on the decoded images (no victim gradient
-      evaluations; one more gives the average's gradient loss). Other models, B = 1 and gradients that do not give
-      the features (a defense altered them) keep the answer as it is. Needs public data, as a prior does.
+    - feature_decode ("none", or "blend"): at B > 1 on such a chain, each image of the answer is averaged with its
+      decoding from its features (solved from the classifier's gradient, decoded as the public split's images are
+      from theirs; attacks/feature_decode.py), with the weight whose average best reproduces those features (no
+      victim gradient evaluations; one more gives the result's gradient loss). Other models, B = 1 and gradients
+      that do not give the features (a defense altered them) keep the answer as it is. Needs public data, as a
+      prior does.
     """
 
     name = "grnn"
@@ -283,6 +285,7 @@ class GRNN(Attack):
         _choice("generator_norm", knobs["generator_norm"], GENERATOR_NORMS)
         _choice("combine", knobs["combine"], COMBINES)
         _choice("prior", knobs["prior"], PRIORS)
+        _choice("feature_decode", knobs["feature_decode"], FEATURE_DECODES)
         _number("prior_floor", knobs["prior_floor"], positive=True)
         _positive_int("prior_images", knobs["prior_images"], minimum=0)
         _positive_int("prior_seed", knobs["prior_seed"], minimum=0)
@@ -298,9 +301,6 @@ class GRNN(Attack):
         for optional in ("tv_weight", "chroma_weight", "refine_tv_weight", "prior_weight", "refine_prior_weight"):
             if knobs[optional] is not None:
                 _number(optional, knobs[optional], positive=False)
-        d = knobs["feature_decode"]
-        if not (isinstance(d, int | float) and not isinstance(d, bool) and 0 <= d <= 1):
-            raise ConfigError(f"grnn feature_decode must be a number in [0, 1] (got {d!r})")
         m = knobs["momentum"]
         if not (isinstance(m, int | float) and not isinstance(m, bool) and 0 <= m < 1):
             raise ConfigError(f"grnn momentum must be a number in [0, 1) (got {m!r})")
@@ -339,7 +339,7 @@ class GRNN(Attack):
         self.prior_settings = PriorSettings(images=self.prior_images, seed=self.prior_seed)
         self.layer_refine: int = knobs["layer_refine"]
         self.layer_refine_lr: float = knobs["layer_refine_lr"]
-        self.feature_decode: float = knobs["feature_decode"]
+        self.feature_decode: str = knobs["feature_decode"]
         self.public_data: PublicData | None = None
         self.iterations = self.steps_per_restart * self.restarts + self.refine_iterations
 
@@ -413,7 +413,7 @@ class GRNN(Attack):
         return optimizer, scheduler
 
     def _run(self, model: nn.Module, inputs: AttackInputs) -> Reconstruction:
-        if self.feature_decode and inputs.batch_size > 1:
+        if self.feature_decode != "none" and inputs.batch_size > 1:
             self._public(inputs, "feature_decode")  # before the fit, not after it
         fixed_labels = None
         if self.labels == "inferred":
@@ -441,7 +441,7 @@ class GRNN(Attack):
                        evaluate=inputs.evaluate, progress=inputs.progress)
         if self.layer_refine and inputs.batch_size == 1:
             images = self._layer_refine(model, fit, images, labels)
-        elif self.feature_decode and inputs.batch_size > 1:
+        elif self.feature_decode != "none" and inputs.batch_size > 1:
             images = self._feature_decode(model, fit, images, labels)
         return Reconstruction(images=images.clamp(0, 1), labels=labels, history=fit.history)
 
@@ -467,10 +467,10 @@ class GRNN(Attack):
         return refined
 
     def _feature_decode(self, model: nn.Module, fit: _Fit, images: Tensor, labels: Tensor) -> Tensor:
-        """The answer averaged with the images decoded from its features (attacks/feature_decode.py), weight
-        `feature_decode` on the decoded, on a model that module applies to and whose shared gradient gives the
-        features; the images unchanged otherwise. The average ends the history, at the last iteration with
-        `feature_decode` 1 (its gradient loss costs one victim gradient)."""
+        """Each image of the answer averaged with its decoding from its features (attacks/feature_decode.py), on a
+        model that module applies to and whose shared gradient gives the features; the images unchanged otherwise.
+        The average ends the history, at the last iteration with `feature_decode` 1 (its gradient loss costs one
+        victim gradient)."""
         chain = chain_of(model, fit.inputs.image_shape)
         if chain is None:
             return images
@@ -482,7 +482,7 @@ class GRNN(Attack):
         assert self.public_data is not None  # checked before the fit
         _, public_images = public_image_chunks(self.public_data, self.prior_settings)
         decoded = FeatureDecoder(chain, public_images, images.device)(features, fit.inputs.image_shape)
-        blended = ((1 - self.feature_decode) * images + self.feature_decode * decoded.to(images.dtype)).detach()
+        blended = blend_by_features(chain, images, decoded.to(images.dtype), features).detach()
         self._log(fit, self.iterations, self._gradient_loss(model, fit, blended, labels), blended, None,
                   {"feature_decode": 1.0})
         return blended

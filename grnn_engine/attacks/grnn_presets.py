@@ -24,6 +24,7 @@ SELECTS = ("last", "best")
 COMBINES = ("best", "mean")
 GENERATOR_NORMS = ("batch", "none")
 PRIORS = ("none", "gaussian", "patch_gmm")
+FEATURE_DECODES = ("none", "blend")
 
 # The knob values of each preset. tv_weight None: the preset's size-dependent choice (TV_BY_SIZE);
 # refine_tv_weight None: the TV weight the generator used.
@@ -58,7 +59,7 @@ _PAPER: dict[str, Any] = {
     "prior_seed": 0,
     "layer_refine": 0,
     "layer_refine_lr": 3e-3,
-    "feature_decode": 0.0,
+    "feature_decode": "none",
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": _PAPER,
@@ -95,9 +96,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # up to a departure of 5e-3, not 1e-3, and dropped when its image fits the gradient 20x worse than the answer) and
 # its image in the history: undefended the same figures; Gaussian noise 1e-5 32.52 dB against 28.54, pruning 10%
 # 33.11 against 31.87.
-# Revision 4 (2026-12-07, README "Feature decoding at B > 1"): at B > 1 on a LeNet-like chain the answer averaged
-# with the images decoded from its features, weight 0.7 on the decoded (chosen on CIFAR-10 batches 8-15: 0.6 is
-# 0.02 dB and 0.8 0.08 dB below there); B = 1 and other models compute what revision 3 did.
+# Revision 4 (2026-12-07, README "Feature decoding at B > 1"): at B > 1 on a LeNet-like chain each image of the
+# answer averaged with its decoding from its features, the weight that best reproduces those features; B = 1 and
+# other models compute what revision 3 did.
 PRESETS["prior"] = {
     **PRESETS["strong"],
     "iterations": 3000,
@@ -106,7 +107,7 @@ PRESETS["prior"] = {
     "prior_weight": None,
     "soft_pool_fraction": 0.95,
     "layer_refine": 1500,
-    "feature_decode": 0.7,
+    "feature_decode": "blend",
 }
 
 DEFAULT_PRESET = "paper"  # the preset of a GRNN given none, in its constructor and in its trial keys' revision

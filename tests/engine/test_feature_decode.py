@@ -10,7 +10,7 @@ import torch
 
 from grnn_engine import ATTACKS, TrialResult, TrialSpec, run_trial
 from grnn_engine.attacks.base import SharedUpdate, trainable_parameters, victim_gradient
-from grnn_engine.attacks.feature_decode import FeatureDecoder, solve_features
+from grnn_engine.attacks.feature_decode import FeatureDecoder, blend_by_features, solve_features
 from grnn_engine.attacks.image_prior import PriorSettings, PublicData, public_image_chunks
 from grnn_engine.attacks.layer_refine import chain_of
 from grnn_engine.data import load_dataset, select_batch
@@ -62,7 +62,7 @@ def test_the_decoder_fitted_on_public_images_decodes_private_features() -> None:
     assert matched_psnr(decoded, images) > matched_psnr(mean, images) + 15
 
 
-def _prior_trial(feature_decode: float, *, batch_size: int = 4, **fields: Any) -> TrialResult:
+def _prior_trial(feature_decode: str, *, batch_size: int = 4, **fields: Any) -> TrialResult:
     """GRNN's prior preset, 300 iterations, with `feature_decode` on digits at 32x32 (lenet, seed 1)."""
     params = {"preset": "prior", "iterations": 300, "feature_decode": feature_decode}
     spec = TrialSpec(attack="grnn", attack_params=params, dataset="digits", image_size=32, victim="lenet",
@@ -76,9 +76,9 @@ def test_the_prior_preset_averages_a_batchs_answer_with_its_decoded_features(
     tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
-    assert ATTACKS.create("grnn", preset="prior").feature_decode == 0.7
-    assert ATTACKS.create("grnn", preset="strong").feature_decode == 0
-    decoded, kept = _prior_trial(0.7), _prior_trial(0)
+    assert ATTACKS.create("grnn", preset="prior").feature_decode == "blend"
+    assert ATTACKS.create("grnn", preset="strong").feature_decode == "none"
+    decoded, kept = _prior_trial("blend"), _prior_trial("none")
     assert decoded.iterations == kept.iterations == 300
     assert decoded.metrics["psnr"] > kept.metrics["psnr"] + 1, (decoded.metrics["psnr"], kept.metrics["psnr"])
     # The history ends with the average, so that the convergence curve ends at the trial's score.
@@ -87,9 +87,21 @@ def test_the_prior_preset_averages_a_batchs_answer_with_its_decoded_features(
     assert last["psnr"] == pytest.approx(decoded.metrics["psnr"], abs=1e-3)
     assert 0 < last["grad_loss"] < float("inf")
     assert decoded.history[:-1] == kept.history and all("feature_decode" not in e for e in kept.history)
-    # Weight 1 is the decoding alone; at B = 1 the layer refinement, not the decoding, applies.
-    assert _prior_trial(1.0).metrics["psnr"] != decoded.metrics["psnr"]
-    assert _prior_trial(0.6, batch_size=1).history == _prior_trial(0, batch_size=1).history
+    # At B = 1 the layer refinement, not the decoding, applies.
+    assert _prior_trial("blend", batch_size=1).history == _prior_trial("none", batch_size=1).history
+
+
+def test_each_image_takes_the_average_whose_features_match_the_solved_ones() -> None:
+    """An answer that is right keeps every image as it is; one whose images are swapped for the batch's mean image
+    takes the decoding (weight 1) for them: only the features decide, never the truth."""
+    chain, _, _, images, _ = _shared("lenet", 4)
+    features = chain.features(images).detach()
+    decoded = images.mean(dim=0, keepdim=True).expand_as(images).clone()
+    assert torch.equal(blend_by_features(chain, images, decoded, features), images)
+    wrong = images.clone()
+    wrong[:2] = images.mean(dim=0, keepdim=True)
+    mixed = blend_by_features(chain, wrong, images, features)
+    assert torch.allclose(mixed, images, atol=1e-6)
 
 
 @pytest.mark.parametrize(("defense", "params"), [("gaussian", {"sigma": 1e-3}), ("prune", {"ratio": 0.5})])
@@ -97,14 +109,14 @@ def test_a_gradient_a_defense_altered_is_not_decoded(
     tmp_path: object, monkeypatch: pytest.MonkeyPatch, defense: str, params: dict[str, object]
 ) -> None:
     monkeypatch.setenv("GRNN_CACHE_DIR", str(tmp_path))
-    with_decoding = _prior_trial(0.6, defense=defense, defense_params=params)
-    without = _prior_trial(0, defense=defense, defense_params=params)
+    with_decoding = _prior_trial("blend", defense=defense, defense_params=params)
+    without = _prior_trial("none", defense=defense, defense_params=params)
     assert with_decoding.history == without.history and with_decoding.metrics["psnr"] == without.metrics["psnr"]
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, "half", True])
+@pytest.mark.parametrize("value", [0.5, "mean", True])
 def test_bad_feature_decode_values_are_one_line_config_errors(value: object) -> None:
-    with pytest.raises(ConfigError, match=r"grnn feature_decode must be a number in \[0, 1\]") as info:
+    with pytest.raises(ConfigError, match="grnn feature_decode must be one of none, blend") as info:
         ATTACKS.create("grnn", preset="prior", feature_decode=value)
     assert "\n" not in str(info.value)
 
@@ -112,7 +124,7 @@ def test_bad_feature_decode_values_are_one_line_config_errors(value: object) -> 
 def test_feature_decoding_without_public_images_is_a_config_error_before_the_fit() -> None:
     target = _shared("lenet", 2)[2]
     model = create_victim("lenet", num_classes=10, image_size=32, seed=0)
-    attack = ATTACKS.create("grnn", feature_decode=0.5, iterations=10**6)  # never bound to public data
+    attack = ATTACKS.create("grnn", feature_decode="blend", iterations=10**6)  # never bound to public data
     with pytest.raises(ConfigError, match="grnn feature_decode needs public images of the victim's domain"):
         attack.reconstruct(model, SharedUpdate(tensors=target), num_classes=10, batch_size=2, image_shape=(3, 32, 32),
                            generator=torch.Generator().manual_seed(0))
