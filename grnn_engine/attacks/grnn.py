@@ -255,7 +255,7 @@ class GRNN(Attack):
         prior_seed: int | None = None,
         layer_refine: int | None = None,
         layer_refine_lr: float | None = None,
-        feature_decode: float | None = None,
+        feature_decode: str | None = None,
     ) -> None:
         _choice("preset", preset, tuple(PRESETS))
         given = {
